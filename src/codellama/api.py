@@ -1,0 +1,103 @@
+"""The Python API: ``codellama.load()`` returns a ``CodeLlama`` holding config, tokenizer and model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .errors import CodeLlamaError
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CodeLlamaError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CodeLlamaError("device 'cuda' requested but CUDA is not available")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        # float32 on CPU: bfloat16 matmuls are slow on CPUs without native support.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CodeLlamaError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+class CodeLlama:
+    """A loaded model with its tokenizer. Generation methods live in ``generation.py`` and are bound here."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = ""):
+        if tokenizer.n_words > model.config.vocab_size:
+            raise CodeLlamaError(f"tokenizer has {tokenizer.n_words} pieces but the model's vocabulary is "
+                                 f"{model.config.vocab_size}: wrong tokenizer for this checkpoint")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or model.config.name
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.output.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.output.weight.dtype
+
+    @torch.inference_mode()
+    def logits(self, tokens: Tensor | list[int] | list[list[int]]) -> Tensor:
+        """Full-sequence forward: ``[T, V]`` for one sequence, ``[B, T, V]`` for a batch (float32)."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        if tokens.dim() == 1:
+            return self.model(tokens.unsqueeze(0))[0]
+        if tokens.dim() != 2:
+            raise CodeLlamaError(f"tokens must be 1-D or 2-D, got shape {tuple(tokens.shape)}")
+        return self.model(tokens)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"CodeLlama({self.name or 'unnamed'}: {c.num_params() / 1e6:.1f}M params, dim={c.dim}, "
+                f"layers={c.n_layers}, heads={c.n_heads}/{c.n_kv_heads}, vocab={c.vocab_size}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+
+def load(path: str | Path | None = None, *, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, tokenizer: str | Path | None = None,
+         max_seq_len: int | None = None) -> CodeLlama:
+    """Load a checkpoint directory (Meta or HF layout); no path means the embedded default model."""
+    from .checkpoint import load_model, load_tokenizer
+
+    if path is None:
+        if not (DEFAULT_MODEL_DIR / "params.json").is_file():
+            raise CodeLlamaError("the embedded default model is not installed; pass a checkpoint path")
+        path = DEFAULT_MODEL_DIR
+    dev = resolve_device(device)
+    model = load_model(path, device=dev, dtype=resolve_dtype(dtype, dev), max_seq_len=max_seq_len)
+    tok = load_tokenizer(path, tokenizer)
+    name = "default" if Path(path) == DEFAULT_MODEL_DIR else Path(path).name
+    return CodeLlama(model, tok, name=model.config.name or name)

@@ -1,0 +1,1 @@
+"""The training cascade of the paper: corpus, tokenizer, FIM transform, data packing, trainer."""

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tokenizer the suite trains itself (so it never needs ../shared), tiny configs and models."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from codellama.config import ModelConfig
+from codellama.model import Transformer
+from codellama.training.tokenizer import train_tokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REAL_TOKENIZER = SHARED / "tokenizers" / "codellama-tokenizer.model"
+
+
+def _corpus_texts(n_files: int = 60) -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py"))[:n_files]
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    # Make sure multi-byte text is seen by the trainer too (it still falls back to bytes for rare characters).
+    texts.append("# 注释 コメント émoji 😀 ünïcödé\n")
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory) -> Path:
+    """A 512-piece BPE model with byte fallback and the four FIM pieces."""
+    return train_tokenizer(_corpus_texts(), tmp_path_factory.mktemp("tok") / "tiny.model", vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_step_tokenizer_path(tmp_path_factory) -> Path:
+    """Like ``tiny_tokenizer_path`` plus the 70B-Instruct ``<step>`` piece."""
+    return train_tokenizer(_corpus_texts(), tmp_path_factory.mktemp("tokstep") / "step.model",
+                           vocab_size=512, step=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_nofim_tokenizer_path(tmp_path_factory) -> Path:
+    """A vocabulary without FIM pieces, like the 34B and Python models'."""
+    return train_tokenizer(_corpus_texts(), tmp_path_factory.mktemp("toknofim") / "nofim.model",
+                           vocab_size=512, fim=False)
+
+
+@pytest.fixture
+def real_tokenizer_path() -> Path:
+    if not REAL_TOKENIZER.is_file():
+        pytest.skip("../shared/tokenizers/codellama-tokenizer.model not present")
+    return REAL_TOKENIZER
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    """GQA, rope theta 1e6 and an FFN multiplier: the features that distinguish the 34B/70B shapes."""
+    return ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                       ffn_dim_multiplier=1.3, rope_theta=1_000_000.0, max_seq_len=256)
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(tiny_config)
+    model.init_weights()
+    return model.eval()
