@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import Tensor
@@ -11,6 +12,9 @@ from .config import ModelConfig
 from .errors import CodeLlamaError
 from .model import Transformer
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .generation import Completion
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
 
@@ -78,6 +82,42 @@ class CodeLlama:
         if tokens.dim() != 2:
             raise CodeLlamaError(f"tokens must be 1-D or 2-D, got shape {tuple(tokens.shape)}")
         return self.model(tokens)
+
+    # ---- generation (implemented in generation.py) ------------------------------------------------
+    def complete(self, prompt: str | list[str], *, max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
+                 logprobs: bool = False, echo: bool = False, stream: bool = False,
+                 prefill_chunk: int = 2048) -> "Completion | list[Completion] | Iterator[str]":
+        """Continue ``prompt`` (greedy unless ``temperature > 0``). A list of prompts runs as one batch and
+        returns a list. ``stream=True`` returns an iterator of text deltas (its return value is the
+        ``Completion``). ``prompt + completion.text == decode(bos + prompt ids + completion.tokens)``."""
+        from .generation import complete
+        return complete(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k, seed=seed, stop=stop, logprobs=logprobs, echo=echo, stream=stream,
+                        prefill_chunk=prefill_chunk)
+
+    def infill(self, prefix: str | list[str], suffix: str | list[str], *, suffix_first: bool = False,
+               max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               seed: int | None = None, stop: list[str] | None = None, logprobs: bool = False,
+               echo: bool = False, stream: bool = False,
+               prefill_chunk: int = 2048) -> "Completion | list[Completion] | Iterator[str]":
+        """The middle between ``prefix`` and ``suffix`` (PSM; SPM with ``suffix_first``), stopping at EOT.
+        ``echo=True`` gives the whole document. Raises ``CodeLlamaError`` if the model has no FIM pieces."""
+        from .generation import infill
+        return infill(self, prefix, suffix, suffix_first=suffix_first, max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                      logprobs=logprobs, echo=echo, stream=stream, prefill_chunk=prefill_chunk)
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]], *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             stop: list[str] | None = None, logprobs: bool = False, echo: bool = False, stream: bool = False,
+             prefill_chunk: int = 2048) -> "Completion | list[Completion] | Iterator[str]":
+        """The assistant's reply to ``messages`` ([{"role", "content"}, ...], ending with the user), or to
+        each of a list of dialogs. The format follows the tokenizer (``<step>`` means 70B-Instruct)."""
+        from .generation import chat
+        return chat(self, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    top_k=top_k, seed=seed, stop=stop, logprobs=logprobs, echo=echo, stream=stream,
+                    prefill_chunk=prefill_chunk)
 
     def __repr__(self) -> str:
         c = self.config

@@ -1,0 +1,529 @@
+"""KV-cache generation: token-level engine (batched, left-padded, chunked prefill) and the text layer
+(exact incremental detokenisation, stop strings, streaming) behind ``CodeLlama.complete/infill/chat``.
+
+The engine is a loop over small functions — ``sample`` (sampling.py), ``accept_token`` and the per-request
+``Request`` state — and a generator, ``run``, that yields after every decode step. A caller may finish a
+request between two steps (``request.finish("stop")``), which is how stop strings work here and how a server
+scheduler would drop or swap requests without touching the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import CodeLlamaError
+from .formats import chat_tokens, infilling_tokens, require_infilling
+from .model import KVCache, Transformer
+from .sampling import SamplingParams, make_generator, sample, token_logprobs, validate_sampling
+
+if TYPE_CHECKING:
+    from .api import CodeLlama
+
+DEFAULT_PREFILL_CHUNK = 2048
+# Slack for allocator fragmentation and the framework itself when checking a request against free memory.
+MEMORY_HEADROOM = 256 * 2**20
+
+
+# ==== results =======================================================================================
+@dataclass
+class Completion:
+    """One generated text. ``tokens`` are the generated ids (prompt ids first when ``echo``), without the
+    eos / EOT / ``<step>`` that ended it; ``logprobs`` (when asked) are the model's log-probabilities of
+    those tokens (temperature 1, before top-k/top-p; 0.0 for the first prompt token, which is given);
+    ``finish_reason`` is ``"stop"`` (stop token or stop string) or ``"length"`` (max_new_tokens or the
+    model's context)."""
+
+    text: str
+    tokens: list[int]
+    logprobs: list[float] | None
+    finish_reason: str
+    prompt_tokens: int
+
+
+@dataclass
+class GenerationResult:
+    """Token-level result for one prompt."""
+
+    tokens: list[int]
+    finish_reason: str
+    logprobs: list[float] | None = None
+    prompt_logprobs: list[float] | None = None
+
+
+# ==== per-request state =============================================================================
+@dataclass
+class Request:
+    """One sequence being generated: its prompt, limits and sampling, and what it has produced so far."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: bool = False
+    prompt_logprobs: bool = False
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    prompt_token_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def finish(self, reason: str) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(tokens=list(self.tokens), finish_reason=self.finish_reason or "length",
+                                logprobs=list(self.token_logprobs) if self.logprobs else None,
+                                prompt_logprobs=list(self.prompt_token_logprobs) if self.prompt_logprobs else None)
+
+
+def accept_token(request: Request, token: int, logprob: float | None = None) -> bool:
+    """Record a sampled token; True if it was appended (a stop token ends the request without being kept)."""
+    if token in request.stop_ids:
+        request.finish("stop")
+        return False
+    request.tokens.append(token)
+    if logprob is not None:
+        request.token_logprobs.append(logprob)
+    if len(request.tokens) >= request.max_new_tokens:
+        request.finish("length")
+    return True
+
+
+# ==== admission: context and memory checks, before anything is allocated ============================
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that a new allocation can still get on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # Blocks the caching allocator holds but does not use are free for us too.
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            import psutil
+            return int(psutil.virtual_memory().available)
+        except ImportError:
+            pass
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def request_memory(model: Transformer, batch: int, prompt_len: int, cache_len: int,
+                   prefill_chunk: int) -> dict[str, int]:
+    """Bytes a generation allocates beyond the weights: the KV cache and the largest prefill activations."""
+    c, dtype = model.config, model.output.weight.dtype
+    item = torch.empty((), dtype=dtype).element_size()
+    kv = 2 * c.n_layers * batch * c.n_kv_heads * cache_len * c.head_dim * item
+    t = max(1, min(prefill_chunk, prompt_len))
+    # One layer's live tensors for a chunk: residual, normed input, q/k/v (+ float32 RoPE copies),
+    # the SwiGLU hidden pair; plus a [B, T, S] mask and the last-position logits.
+    hidden = batch * t * (6 * c.dim + 3 * c.ffn_hidden) * 4
+    mask = batch * t * cache_len
+    logits = batch * c.vocab_size * 4 * 2
+    return {"kv_cache": kv, "activations": hidden + mask + logits}
+
+
+def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  prefill_chunk: int) -> list[int]:
+    """Validate prompts against the model's context and free memory; returns each prompt's token budget.
+
+    A prompt must leave room for one new token inside ``max_seq_len``; ``max_new_tokens`` is then capped to
+    what is left of the context (finish_reason "length"), as Meta's reference does."""
+    if not prompts:
+        raise CodeLlamaError("no prompts given")
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise CodeLlamaError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+    c = model.config
+    budgets = []
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise CodeLlamaError(f"prompt {i} is empty (it needs at least a bos token)")
+        if len(p) >= c.max_seq_len:
+            which = "prompt" if len(prompts) == 1 else f"prompt {i}"
+            raise CodeLlamaError(f"{which} is {len(p)} tokens but the model's context is {c.max_seq_len} tokens "
+                                 "(raise max_seq_len at load time if the model supports it)")
+        if min(p) < 0 or max(p) >= c.vocab_size:
+            raise CodeLlamaError(f"prompt {i} has token ids outside the vocabulary [0, {c.vocab_size})")
+        budgets.append(min(max_new_tokens, c.max_seq_len - len(p)))
+    longest = max(len(p) for p in prompts)
+    cache_len = longest + max(budgets) - 1  # the last sampled token is never fed back
+    need = request_memory(model, len(prompts), longest, cache_len, prefill_chunk)
+    free = available_memory(model.output.weight.device)
+    total = need["kv_cache"] + need["activations"]
+    if free is not None and total + MEMORY_HEADROOM > free:
+        gib = 2**30
+        raise CodeLlamaError(
+            f"request needs about {total / gib:.2f} GiB (KV cache {need['kv_cache'] / gib:.2f} GiB for "
+            f"{len(prompts)} x {cache_len} tokens) but only {free / gib:.2f} GiB is free on "
+            f"{model.output.weight.device}; use a shorter prompt, fewer new tokens or a smaller batch")
+    return budgets
+
+
+# ==== the engine ====================================================================================
+def run(model: Transformer, requests: list[Request], *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        decode_step: Callable[..., Tensor] | None = None) -> Iterator[list[tuple[int, int]]]:
+    """Generate for ``requests`` together; yields after each step the ``(index, token)`` pairs appended.
+
+    Prompts are left-padded to a common length so every row's next token is in the same slot; per-row
+    positions give each prompt the RoPE positions it would have alone and the cache's ``valid`` mask hides
+    the padding, so each row's result equals running it alone. The KV cache holds exactly
+    ``longest prompt + max_new_tokens - 1`` slots per row. Checks (context, memory) run before the first
+    ``next()`` returns anything and before allocating. Requests finished by the caller between steps stop
+    producing tokens. ``decode_step`` replaces ``model(tokens, positions, cache, last_only=True)`` for the
+    one-token steps (e.g. a compiled version)."""
+    for r in requests:
+        validate_sampling(max_new_tokens=r.max_new_tokens)
+    budgets = check_request(model, [r.prompt for r in requests], max(r.max_new_tokens for r in requests),
+                            prefill_chunk)
+    for r, b in zip(requests, budgets):
+        r.max_new_tokens = min(r.max_new_tokens, b)
+    return _run(model, requests, prefill_chunk, decode_step)
+
+
+@torch.inference_mode()
+def _run(model: Transformer, requests: list[Request], prefill_chunk: int,
+         decode_step: Callable[..., Tensor] | None) -> Iterator[list[tuple[int, int]]]:
+    device, dtype = model.output.weight.device, model.output.weight.dtype
+    B = len(requests)
+    P = max(len(r.prompt) for r in requests)
+    cache = KVCache.allocate(model.config, B, P + max(r.max_new_tokens for r in requests) - 1,
+                             device=device, dtype=dtype)
+    pads = torch.tensor([P - len(r.prompt) for r in requests], device=device)
+    tokens = torch.zeros(B, P, dtype=torch.long, device=device)
+    for i, r in enumerate(requests):
+        tokens[i, P - len(r.prompt):] = torch.tensor(r.prompt, device=device)
+        cache.valid[i, :P - len(r.prompt)] = False
+    slots = torch.arange(P, device=device)
+    positions = (slots.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+    padded = bool(pads.any())
+
+    want_prompt_logprobs = any(r.prompt_logprobs for r in requests)
+    for r in requests:
+        r.prompt_token_logprobs = [0.0] if r.prompt_logprobs else []
+    logits = None
+    for start in range(0, P, prefill_chunk):
+        end = min(start + prefill_chunk, P)
+        logits = model(tokens[:, start:end], None if not padded and start == 0 else positions[:, start:end],
+                       cache, last_only=not want_prompt_logprobs)
+        if want_prompt_logprobs:
+            _gather_prompt_logprobs(requests, logits, tokens, start, end, P)
+            logits = logits[:, -1:]
+    last = logits[:, -1]
+
+    step_positions = (P - pads).view(B, 1)
+    for step in range(cache.size - P + 1):
+        active = [i for i, r in enumerate(requests) if not r.finished]
+        if not active:
+            return
+        params = [requests[i].sampling for i in active]
+        rows = last if len(active) == B else last[active]
+        chosen = sample(rows, params, [requests[i].generator for i in active])
+        need_lp = [requests[i].logprobs for i in active]
+        lps = token_logprobs(rows, chosen) if any(need_lp) else [None] * len(active)
+        appended = []
+        next_tokens = [0] * B
+        for i, tok, lp, want in zip(active, chosen, lps, need_lp):
+            next_tokens[i] = tok
+            if accept_token(requests[i], tok, lp if want else None):
+                appended.append((i, tok))
+        yield appended
+        if all(r.finished for r in requests) or step == cache.size - P:
+            for r in requests:
+                r.finish("length")
+            return
+        inp = torch.tensor(next_tokens, device=device).view(B, 1)
+        pos = step_positions + step
+        if decode_step is not None:
+            logits = decode_step(inp, pos, cache)
+        else:
+            logits = model(inp, pos, cache, last_only=True)
+        last = logits[:, -1]
+
+
+def _gather_prompt_logprobs(requests: list[Request], logits: Tensor, tokens: Tensor, start: int, end: int,
+                            P: int) -> None:
+    # logits[:, t] scores the token in slot start + t + 1; slots before a row's first real token are padding.
+    targets = tokens[:, start + 1:end + 1]
+    n = targets.shape[1]
+    if n == 0:
+        return
+    logp = torch.log_softmax(logits[:, :n].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    for i, r in enumerate(requests):
+        if not r.prompt_logprobs:
+            continue
+        first = P - len(r.prompt) + 1  # slot of the row's second prompt token
+        lo = max(first, start + 1)
+        if lo <= end:
+            r.prompt_token_logprobs.extend(logp[i, lo - start - 1:].tolist())
+
+
+def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             stop_ids: Sequence[int] = (), logprobs: bool = False, prompt_logprobs: bool = False,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[GenerationResult]:
+    """Generate for each token-id prompt (include the bos yourself); one result per prompt, in order.
+
+    Greedy by default. With sampling, prompt ``i`` uses the random stream ``seed + i``, so its result does
+    not depend on what else is in the batch."""
+    requests = make_requests(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids, logprobs=logprobs,
+                             prompt_logprobs=prompt_logprobs)
+    for _ in run(model, requests, prefill_chunk=prefill_chunk):
+        pass
+    return [r.result() for r in requests]
+
+
+def make_requests(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                  stop_ids: Sequence[int] = (), logprobs: bool = False,
+                  prompt_logprobs: bool = False) -> list[Request]:
+    validate_sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
+    if isinstance(prompts, (str, bytes)) or not all(isinstance(p, (list, tuple)) for p in prompts):
+        raise CodeLlamaError("prompts must be a list of token-id lists")
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    device = model.output.weight.device
+    if seed is None and not params.greedy:
+        # One draw from torch's global generator for the whole batch keeps rows independent but repeatable.
+        params = SamplingParams(temperature, top_p, top_k, int(torch.randint(0, 2**62, ()).item()))
+    return [Request(prompt=[int(t) for t in p], max_new_tokens=max_new_tokens, sampling=params,
+                    stop_ids=frozenset(stop_ids), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                    generator=make_generator(params, device, offset=i))
+            for i, p in enumerate(prompts)]
+
+
+# ==== text: exact incremental detokenisation and stop strings ========================================
+@dataclass
+class TextStream:
+    """Turns generated ids into text deltas whose concatenation is exactly the decoded continuation.
+
+    SentencePiece drops the leading space of the first piece it decodes and byte-fallback pieces only make
+    a character once all its bytes are there. So each step decodes a short window that starts a few tokens
+    back (``context``: the end of the prompt, so a first ``▁return`` after ``x =`` yields `` return``) and
+    hands out only what was added since the last step, holding back text that ends in an incomplete
+    UTF-8 sequence (U+FFFD) or that could be the start of a stop string."""
+
+    decode: Callable[[list[int]], str]
+    context: list[int] = field(default_factory=list)
+    stop: tuple[str, ...] = ()
+    text: str = ""  # decoded continuation so far (trimmed at a stop string once one appears)
+    stopped: bool = False
+    _ids: list[int] = field(default_factory=list, repr=False)
+    _prefix: int = 0
+    _read: int = 0
+    _emitted: int = 0
+
+    def __post_init__(self) -> None:
+        self._ids = list(self.context)
+        self._read = len(self._ids)
+        self.stop = tuple(s for s in self.stop if s)
+
+    def push(self, token: int) -> str:
+        """Add one generated token; returns the text that is now safe to show (maybe empty)."""
+        if self.stopped:
+            return ""
+        self._ids.append(token)
+        before = self.decode(self._ids[self._prefix:self._read])
+        now = self.decode(self._ids[self._prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""  # an incomplete character (or nothing visible yet): wait for more tokens
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._add(now[len(before):], final=False)
+
+    def flush(self) -> str:
+        """The rest of the text at the end of generation (incomplete bytes become U+FFFD, as in decode)."""
+        if self.stopped:
+            return ""
+        before = self.decode(self._ids[self._prefix:self._read])
+        now = self.decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return self._add(now[len(before):], final=True)
+
+    def _add(self, delta: str, final: bool) -> str:
+        old_len = len(self.text)
+        self.text += delta
+        safe = len(self.text)
+        if self.stop:
+            longest = max(len(s) for s in self.stop)
+            search_from = max(0, old_len - longest + 1)
+            hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+                out = self.text[self._emitted:]
+                self._emitted = len(self.text)
+                return out
+            if not final:
+                safe -= _held_back(self.text, self.stop, self._emitted)
+        out = self.text[self._emitted:safe]
+        self._emitted = max(self._emitted, safe)
+        return out
+
+
+def _held_back(text: str, stops: tuple[str, ...], emitted: int) -> int:
+    """Length of the longest end of ``text`` (not yet emitted) that begins some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text) - emitted), best, -1):
+            if s.startswith(text[len(text) - k:]):
+                best = k
+                break
+    return best
+
+
+@dataclass
+class _Job:
+    """A prompt at the text level: its ids, how to decode its continuation, and its echo text."""
+
+    prompt: list[int]
+    decode: Callable[[list[int]], str]
+    context: list[int]
+    echo_text: str  # shown before the generated text when echo=True
+    echo_suffix: str = ""  # shown after it (infilling: the suffix, so echo gives the whole document)
+
+
+def _normalise_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if not all(isinstance(s, str) for s in stop):
+        raise CodeLlamaError("stop must be a string or a list of strings")
+    return tuple(stop)
+
+
+def _generate_text(llama: "CodeLlama", jobs: list[_Job], *, batch: bool, max_new_tokens: int = 256,
+                   temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                   stop: str | Sequence[str] | None = None, logprobs: bool = False, echo: bool = False,
+                   stream: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                   ) -> Completion | list[Completion] | Iterator[str]:
+    stops = _normalise_stop(stop)
+    requests = make_requests(llama.model, [j.prompt for j in jobs], max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                             stop_ids=llama.tokenizer.stop_ids, logprobs=logprobs,
+                             prompt_logprobs=logprobs and echo)
+    steps = run(llama.model, requests, prefill_chunk=prefill_chunk, decode_step=getattr(llama, "_decode_step", None))
+    texts = [TextStream(j.decode, j.context, stops) for j in jobs]
+    if stream:
+        if batch or len(jobs) != 1:
+            raise CodeLlamaError("stream=True takes a single prompt, not a list")
+        return _stream(jobs[0], requests[0], texts[0], steps, echo)
+    for appended in steps:
+        for i, tok in appended:
+            texts[i].push(tok)
+            if texts[i].stopped:
+                requests[i].finish("stop")
+    completions = []
+    for job, r, t in zip(jobs, requests, texts):
+        t.flush()
+        completions.append(_completion(job, r, t, echo))
+    return completions if batch else completions[0]
+
+
+def _stream(job: _Job, request: Request, text: TextStream, steps: Iterator[list[tuple[int, int]]],
+            echo: bool) -> Iterator[str]:
+    """Text deltas as they are decoded; the generator's return value (``StopIteration.value``, or
+    ``completion = yield from ...``) is the final ``Completion``, whose text is the deltas joined."""
+    if echo and job.echo_text:
+        yield job.echo_text
+    for appended in steps:
+        for _, tok in appended:
+            delta = text.push(tok)
+            if text.stopped:
+                request.finish("stop")
+            if delta:
+                yield delta
+    tail = text.flush()
+    if tail:
+        yield tail
+    if echo and job.echo_suffix:
+        yield job.echo_suffix
+    return _completion(job, request, text, echo)
+
+
+def _completion(job: _Job, r: Request, text: TextStream, echo: bool) -> Completion:
+    lps = list(r.token_logprobs) if r.logprobs else None
+    if echo:
+        return Completion(text=job.echo_text + text.text + job.echo_suffix, tokens=job.prompt + r.tokens,
+                          logprobs=(r.prompt_token_logprobs + lps) if lps is not None else None,
+                          finish_reason=r.finish_reason or "length", prompt_tokens=len(job.prompt))
+    return Completion(text=text.text, tokens=list(r.tokens), logprobs=lps,
+                      finish_reason=r.finish_reason or "length", prompt_tokens=len(job.prompt))
+
+
+def _context(prompt: list[int], n: int = 4) -> list[int]:
+    # A few prompt tokens before the continuation are enough for SentencePiece's space handling.
+    return prompt[-n:]
+
+
+# ---- the three user-facing tasks --------------------------------------------------------------------
+def complete(llama: "CodeLlama", prompt: str | Sequence[str], **kwargs: Any):
+    """Continue ``prompt`` (or each of a list of prompts); see ``CodeLlama.complete``."""
+    tok = llama.tokenizer
+    batch = not isinstance(prompt, str)
+    prompts = list(prompt) if batch else [prompt]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise CodeLlamaError("prompt must be a string or a non-empty list of strings")
+    jobs = []
+    for p in prompts:
+        ids = tok.encode(p, bos=True)
+        jobs.append(_Job(prompt=ids, decode=tok.decode, context=_context(ids), echo_text=p))
+    return _generate_text(llama, jobs, batch=batch, **kwargs)
+
+
+def infill(llama: "CodeLlama", prefix: str | Sequence[str], suffix: str | Sequence[str], *,
+           suffix_first: bool = False, **kwargs: Any):
+    """Fill the middle between ``prefix`` and ``suffix`` (PSM, or SPM with ``suffix_first``)."""
+    tok = llama.tokenizer
+    require_infilling(tok, llama.name)
+    batch = not isinstance(prefix, str)
+    if batch != (not isinstance(suffix, str)):
+        raise CodeLlamaError("prefix and suffix must both be strings or both be lists")
+    prefixes, suffixes = (list(prefix), list(suffix)) if batch else ([prefix], [suffix])
+    if len(prefixes) != len(suffixes) or not prefixes:
+        raise CodeLlamaError(f"got {len(prefixes)} prefixes and {len(suffixes)} suffixes; need the same, >= 1")
+    if not all(isinstance(s, str) for s in prefixes + suffixes):
+        raise CodeLlamaError("prefix and suffix must be strings")
+    jobs = []
+    for p, s in zip(prefixes, suffixes):
+        ids = infilling_tokens(tok, p, s, suffix_first=suffix_first, model_name=llama.name)
+        # The middle continues mid-line: decode it without SentencePiece's implicit leading space.
+        # Echo gives the whole document: prefix + middle + suffix.
+        jobs.append(_Job(prompt=ids, decode=tok.decode_infilling, context=[], echo_text=p, echo_suffix=s))
+    return _generate_text(llama, jobs, batch=batch, **kwargs)
+
+
+def _is_dialog(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and all(isinstance(m, Mapping) for m in x)
+
+
+def chat(llama: "CodeLlama", messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
+         **kwargs: Any):
+    """The assistant's reply to a dialog (or to each of a list of dialogs); stops at eos or ``<step>``."""
+    tok = llama.tokenizer
+    if _is_dialog(messages) and messages:
+        dialogs, batch = [messages], False
+    elif isinstance(messages, (list, tuple)) and messages and all(_is_dialog(d) for d in messages):
+        dialogs, batch = list(messages), True
+    else:
+        raise CodeLlamaError("chat takes a list of {'role': ..., 'content': ...} messages or a list of such dialogs")
+    echo = bool(kwargs.get("echo"))
+    jobs = []
+    for d in dialogs:
+        ids = chat_tokens(tok, d)
+        # The reply alone is decoded like Meta's reference (no leading space); with echo it continues the
+        # decoded prompt exactly, so the text is decode(prompt + reply).
+        jobs.append(_Job(prompt=ids, decode=tok.decode, context=_context(ids) if echo else [],
+                         echo_text=tok.decode(ids) if echo else ""))
+    return _generate_text(llama, jobs, batch=batch, **kwargs)
