@@ -1,0 +1,576 @@
+"""Checkpoints on disk: load, save, convert and describe the three layouts Code Llama weights come in.
+
+- **meta**: ``params.json`` + ``consolidated.NN.pth`` (one file per model-parallel rank, as Meta ships them);
+- **native**: ``params.json`` + ``model.safetensors`` with the same (Meta) tensor names, one file;
+- **hf**: ``config.json`` + ``model*.safetensors`` (optionally sharded with an index) or ``pytorch_model*.bin``,
+  with HF tensor names and the q/k rows permuted so that HF's rotate-half RoPE applies.
+
+Loading builds the model on the ``meta`` device and assigns the tensors, reading the files one layer at a
+time (every file is re-opened memory-mapped per layer), so the process never holds two full copies of the
+weights: a checkpoint whose dtype and device already match is not copied at all.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .errors import CodeLlamaError
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+FORMATS = ("meta", "native", "hf")
+NATIVE_WEIGHTS = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"
+# Tensors that some checkpoints carry but our model recomputes: Meta's precomputed ``rope.freqs`` and old HF
+# ``rotary_emb.inv_freq`` buffers.
+_IGNORED = re.compile(r"(^|\.)(rope\.freqs|rotary_emb\.inv_freq)$")
+# How Meta splits each weight across model-parallel ranks (fairscale): column-parallel layers on the output
+# rows (dim 0), row-parallel layers on the input columns (dim 1), the embedding on its feature dim (dim 1);
+# norms are replicated (None).
+_SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1, "output": 0}
+_HF_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_HF_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+HF_MAX_SHARD_BYTES = 5 * 1024**3  # HF's own default shard size for save_pretrained
+
+
+# ---- tensor names and the q/k permutation ----------------------------------------------------------------
+def meta_to_hf_name(name: str) -> str:
+    """``layers.3.attention.wq.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
+    if m and m.group(2) in _HF_LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.weight"
+    base = name.removesuffix(".weight")
+    if base in _HF_TOP_NAMES and name.endswith(".weight"):
+        return _HF_TOP_NAMES[base] + ".weight"
+    raise CodeLlamaError(f"no HF name for tensor {name!r}")
+
+
+def hf_to_meta_name(name: str) -> str | None:
+    """The inverse of ``meta_to_hf_name``; None for a name that is not part of a Llama checkpoint."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    if m:
+        for ours, theirs in _HF_LAYER_NAMES.items():
+            if m.group(2) == theirs:
+                return f"layers.{m.group(1)}.{ours}.weight"
+        return None
+    for ours, theirs in _HF_TOP_NAMES.items():
+        if name == theirs + ".weight":
+            return ours + ".weight"
+    return None
+
+
+def permute_to_hf(w: Tensor, n_heads: int) -> Tensor:
+    """Reorder q/k rows from Meta's interleaved RoPE pairs (x0 y0 x1 y1 ...) to HF's halves (x0 x1 ... y0 y1 ...)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_from_hf(w: Tensor, n_heads: int) -> Tensor:
+    """The inverse of ``permute_to_hf``: HF's rotate-half row order back to Meta's interleaved pairs."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _qk_heads(name: str, config: ModelConfig) -> int | None:
+    if name.endswith("attention.wq.weight"):
+        return config.n_heads
+    if name.endswith("attention.wk.weight"):
+        return config.n_kv_heads
+    return None
+
+
+# ---- reading weight files ----------------------------------------------------------------------------------
+@dataclass
+class _TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _torch_load(path: Path) -> dict[str, Tensor]:
+    """Memory-mapped, weights-only ``torch.load``: never unpickles arbitrary objects, reads pages on demand."""
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zipfile" not in str(e).lower():
+                raise
+            # Files from the legacy (pre-zip) serializer cannot be mapped; they are read whole.
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CodeLlamaError(f"refusing to load {path}: it holds more than tensors ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CodeLlamaError(f"cannot read {path}: {first}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict) and not any(isinstance(v, Tensor) for v in sd.values()):
+        sd = sd["model"]  # training checkpoints that wrap the weights
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise CodeLlamaError(f"{path} does not hold a dictionary of tensors")
+    return sd
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file: names, dtypes, shapes, offsets (no tensor data is read)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size <= 0 or size > 100 * 1024**2:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(size))
+    except FileNotFoundError:
+        raise CodeLlamaError(f"weights file not found: {path}") from None
+    except (ValueError, OSError) as e:
+        raise CodeLlamaError(f"{path} is not a safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _file_index(path: Path) -> dict[str, _TensorInfo]:
+    """Names, shapes and dtypes of the tensors in one weights file, without reading their data."""
+    if path.suffix == ".safetensors":
+        header = _safetensors_header(path)
+        return {k: _TensorInfo(tuple(v["shape"]), _SAFETENSORS_DTYPES.get(v["dtype"], v["dtype"].lower()))
+                for k, v in header.items()}
+    return {k: _TensorInfo(tuple(v.shape), str(v.dtype).removeprefix("torch."))
+            for k, v in _torch_load(path).items()}
+
+
+def _read_tensors(path: Path, names: Iterable[str]) -> dict[str, Tensor]:
+    """Only the named tensors of one file. The file is opened afresh and closed on return, so the pages
+    read for one layer are released once its tensors are converted (or kept, mapped, when used as they are)."""
+    names = list(names)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in names}
+        except SafetensorError as e:
+            raise CodeLlamaError(f"cannot read {path}: {e}") from None
+    sd = _torch_load(path)
+    return {k: sd[k] for k in names}
+
+
+# ---- layouts ------------------------------------------------------------------------------------------
+def _checkpoint_dir(path: str | Path) -> Path:
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise CodeLlamaError(f"checkpoint not found: {root}")
+    if not root.is_dir():
+        if root.name in ("params.json", "config.json"):
+            return root.parent
+        raise CodeLlamaError(f"expected a checkpoint directory, got the file {root}")
+    return root
+
+
+def _meta_shards(root: Path) -> list[Path]:
+    shards = sorted(root.glob("consolidated.*.pth"))
+    numbers = []
+    for s in shards:
+        m = re.fullmatch(r"consolidated\.(\d+)\.pth", s.name)
+        if m is None:
+            raise CodeLlamaError(f"unexpected file name {s.name} in {root} (expected consolidated.NN.pth)")
+        numbers.append(int(m.group(1)))
+    if numbers != list(range(len(numbers))):
+        raise CodeLlamaError(f"model-parallel shards in {root} are not numbered 00..{len(numbers) - 1:02d}: "
+                             + ", ".join(s.name for s in shards))
+    return shards
+
+
+def _hf_weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """HF weight files and, for sharded checkpoints, the index's name -> file map."""
+    for index_name, pattern in (("model.safetensors.index.json", "model*.safetensors"),
+                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        index = root / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CodeLlamaError(f"{index} is not a valid weight index ({e})") from None
+            files = sorted({root / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise CodeLlamaError(f"weights file {f.name} named in {index.name} is missing from {root}")
+            return files, weight_map
+        files = sorted(root.glob(pattern))
+        if files:
+            return files, None
+    return [], None
+
+
+def detect_format(path: str | Path) -> str:
+    """``"meta"``, ``"native"`` or ``"hf"`` from the files in a checkpoint directory."""
+    root = _checkpoint_dir(path)
+    if (root / "params.json").is_file():
+        if list(root.glob("consolidated.*.pth")):
+            return "meta"
+        if (root / NATIVE_WEIGHTS).is_file():
+            return "native"
+        raise CodeLlamaError(f"{root} has params.json but no weights: expected consolidated.NN.pth (Meta) "
+                             f"or {NATIVE_WEIGHTS}")
+    if (root / "config.json").is_file():
+        if _hf_weight_files(root)[0]:
+            return "hf"
+        raise CodeLlamaError(f"{root} has config.json but no weights: expected model*.safetensors "
+                             "or pytorch_model*.bin")
+    raise CodeLlamaError(f"unknown checkpoint layout in {root}: expected params.json + consolidated.NN.pth (Meta), "
+                         f"params.json + {NATIVE_WEIGHTS} (native) or config.json + model*.safetensors (HF)")
+
+
+@dataclass
+class _Part:
+    file: Path
+    name: str  # the tensor's name inside ``file``
+
+
+@dataclass
+class _Plan:
+    """Where each of our tensors comes from and how to put it together."""
+    format: str
+    config: ModelConfig
+    files: list[Path]
+    parts: dict[str, list[_Part]] = field(default_factory=dict)  # our name -> one part per shard
+    infos: dict[tuple[Path, str], _TensorInfo] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+
+
+def _read_params(root: Path) -> dict[str, Any]:
+    try:
+        params = json.loads((root / "params.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CodeLlamaError(f"{root / 'params.json'} is not valid JSON: {e}") from None
+    if not isinstance(params, dict):
+        raise CodeLlamaError(f"{root / 'params.json'} must hold a JSON object")
+    return params
+
+
+def _config_from_params(root: Path, params: dict[str, Any], vocab_from: _TensorInfo | None) -> ModelConfig:
+    overrides = {}
+    if params.get("vocab_size", -1) in (-1, None) and vocab_from is not None:
+        overrides["vocab_size"] = vocab_from.shape[0]  # Llama params.json say -1: the embedding knows
+    try:
+        config = ModelConfig.from_params(params, **overrides)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CodeLlamaError(f"{root / 'params.json'} is not a valid params.json ({e})") from None
+    config.name = str(params.get("name") or root.resolve().name)
+    return config
+
+
+def _plan(root: Path, fmt: str) -> _Plan:
+    if fmt in ("meta", "native"):
+        files = _meta_shards(root) if fmt == "meta" else [root / NATIVE_WEIGHTS]
+        infos = {f: _file_index(f) for f in files}
+        params = _read_params(root)
+        config = _config_from_params(root, params, infos[files[0]].get("tok_embeddings.weight"))
+        plan = _Plan(fmt, config, files)
+        for f in files:
+            for name, info in infos[f].items():
+                plan.infos[(f, name)] = info
+        for name in infos[files[0]]:
+            if _IGNORED.search(name):
+                continue
+            plan.parts[name] = [_Part(f, name) for f in files]
+        for f in files[1:]:
+            # A tensor present in some shards only is a broken download; say which shard lacks it.
+            for name in set(infos[files[0]]) ^ set(infos[f]):
+                if not _IGNORED.search(name):
+                    lacking = f if name in infos[files[0]] else files[0]
+                    raise CodeLlamaError(f"tensor {name} is missing from {lacking.name} but present in other shards")
+        return plan
+
+    files, weight_map = _hf_weight_files(root)
+    try:
+        config = ModelConfig.from_hf(root / "config.json")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CodeLlamaError(f"{root / 'config.json'} is not a valid Llama config.json (missing {e})") from None
+    config.name = root.resolve().name
+    hf_config = json.loads((root / "config.json").read_text())
+    head_dim = hf_config.get("head_dim")
+    if head_dim is not None and head_dim != config.head_dim:
+        raise CodeLlamaError(f"{root / 'config.json'}: head_dim {head_dim} != hidden_size / num_attention_heads "
+                             f"({config.head_dim}); not a Llama 2 layout")
+    plan = _Plan("hf", config, files)
+    for f in files:
+        for name, info in _file_index(f).items():
+            if weight_map is not None and weight_map.get(name, f.name) != f.name:
+                continue  # a duplicate the index does not point at
+            plan.infos[(f, name)] = info
+            if _IGNORED.search(name):
+                continue
+            ours = hf_to_meta_name(name)
+            if ours is None:
+                plan.unexpected.append(f"{name} ({f.name})")
+            else:
+                plan.parts[ours] = [_Part(f, name)]
+    if "output.weight" not in plan.parts and hf_config.get("tie_word_embeddings") and "tok_embeddings.weight" in plan.parts:
+        plan.parts["output.weight"] = plan.parts["tok_embeddings.weight"]
+    return plan
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_plan(plan: _Plan, root: Path) -> None:
+    expected = _expected_shapes(plan.config)
+    missing = [k for k in expected if k not in plan.parts]
+    unexpected = [k for k in plan.parts if k not in expected] + plan.unexpected
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise CodeLlamaError(f"checkpoint {root} is missing tensors: {shown}")
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 5 else "")
+        raise CodeLlamaError(f"checkpoint {root} has unexpected tensors: {shown}")
+    for name, parts in plan.parts.items():
+        want = list(expected[name])
+        dim = _SHARD_DIM.get(name.split(".")[-2]) if len(parts) > 1 else None
+        if dim is not None:
+            if want[dim] % len(parts):
+                raise CodeLlamaError(f"tensor {name}: size {want[dim]} cannot be split over {len(parts)} shards")
+            want[dim] //= len(parts)
+        for part in parts:
+            got = plan.infos[(part.file, part.name)].shape
+            if tuple(got) != tuple(want):
+                what = "shard shape" if len(parts) > 1 else "shape"
+                raise CodeLlamaError(f"tensor {part.name} in {part.file.name} has shape {tuple(got)} but the config "
+                                     f"expects {what} {tuple(want)}")
+
+
+def _layer_of(name: str) -> int:
+    m = re.match(r"layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+def _assemble(name: str, tensors: list[Tensor], config: ModelConfig, fmt: str) -> Tensor:
+    if len(tensors) > 1:
+        dim = _SHARD_DIM.get(name.split(".")[-2])
+        # Replicated norms: every rank holds the same vector; keep rank 0's.
+        t = tensors[0] if dim is None else torch.cat(tensors, dim=dim)
+    else:
+        t = tensors[0]
+    if fmt == "hf" and (heads := _qk_heads(name, config)) is not None:
+        t = permute_from_hf(t, heads)
+    return t
+
+
+def load_model(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               max_seq_len: int | None = None) -> Transformer:
+    """Load a Meta, native or HF checkpoint directory into a ``Transformer`` (in eval mode).
+
+    ``dtype=None`` keeps the stored dtype (that of the embedding); ``device=None`` means CPU."""
+    root = _checkpoint_dir(path)
+    plan = _plan(root, detect_format(root))
+    if max_seq_len is not None:
+        plan.config.max_seq_len = int(max_seq_len)
+    _check_plan(plan, root)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if dtype is None:
+        first = plan.parts["tok_embeddings.weight"][0]
+        dtype = getattr(torch, plan.infos[(first.file, first.name)].dtype)
+
+    # Layer by layer: open the files, take that layer's tensors, merge shards / undo the HF permutation,
+    # cast and move, then drop the rest, so at most one layer is held twice.
+    groups: dict[int, list[str]] = {}
+    for name in plan.parts:
+        groups.setdefault(_layer_of(name), []).append(name)
+    state: dict[str, Tensor] = {}
+    for names in groups.values():
+        wanted: dict[Path, set[str]] = {}
+        for name in names:
+            for part in plan.parts[name]:
+                wanted.setdefault(part.file, set()).add(part.name)
+        loaded = {f: _read_tensors(f, sorted(ns)) for f, ns in wanted.items()}
+        for name in names:
+            t = _assemble(name, [loaded[p.file][p.name] for p in plan.parts[name]], plan.config, plan.format)
+            state[name] = t.to(device=device, dtype=dtype)
+        del loaded
+
+    with torch.device("meta"):
+        model = Transformer(plan.config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path | None, tokenizer: str | Path | None = None) -> Tokenizer:
+    """``tokenizer`` (a ``.model`` file or a directory holding ``tokenizer.model``) or ``path/tokenizer.model``."""
+    if tokenizer is not None:
+        candidate = Path(tokenizer).expanduser()
+        if candidate.is_dir():
+            candidate = candidate / TOKENIZER_FILE
+        if not candidate.is_file():
+            raise CodeLlamaError(f"tokenizer not found: {candidate}")
+        return Tokenizer(candidate)
+    if path is None:
+        raise CodeLlamaError("no tokenizer given")
+    root = Path(path).expanduser()
+    candidate = root if root.is_file() and root.suffix == ".model" else root / TOKENIZER_FILE
+    if not candidate.is_file():
+        raise CodeLlamaError(f"no {TOKENIZER_FILE} in {root}; pass the tokenizer path explicitly (--tokenizer)")
+    return Tokenizer(candidate)
+
+
+# ---- saving and converting -----------------------------------------------------------------------------
+def _owned(t: Tensor) -> Tensor:
+    """A contiguous tensor that owns its storage: views into a larger storage (mmap-loaded checkpoints,
+    shard slices) would otherwise be written whole by ``torch.save`` or refused by safetensors."""
+    t = t.detach().contiguous()
+    if t.untyped_storage().nbytes() != t.nbytes or t.storage_offset() != 0:
+        t = t.clone()
+    return t
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_checkpoint(model: Transformer, out_dir: str | Path, *, format: str = "native",
+                    tokenizer: str | Path | None = None, shards: int = 1, dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` as a checkpoint directory in ``format`` (``native``, ``meta`` or ``hf``); returns it.
+
+    ``shards`` > 1 splits the weights over that many model-parallel files (Meta layout only); ``dtype``
+    casts on the way out; ``tokenizer`` is copied in as ``tokenizer.model``."""
+    if format not in FORMATS:
+        raise CodeLlamaError(f"unknown checkpoint format {format!r} (use {', '.join(FORMATS)})")
+    if shards < 1:
+        raise CodeLlamaError(f"shards must be at least 1, got {shards}")
+    if shards > 1 and format != "meta":
+        raise CodeLlamaError("model-parallel shards exist only in the Meta layout (--to meta)")
+    config = model.config
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CodeLlamaError(f"output path {out} exists and is not a directory")
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise CodeLlamaError(f"tokenizer not found: {tokenizer}")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items()}
+    dtype = dtype or state["tok_embeddings.weight"].dtype
+
+    def prepared(name: str) -> Tensor:
+        return state[name].detach().to(device="cpu", dtype=dtype)
+
+    if format == "meta":
+        _save_meta(out, config, state, prepared, shards)
+    elif format == "native":
+        from safetensors.torch import save_file
+        params = config.to_params() | {"max_seq_len": config.max_seq_len}
+        (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        save_file({k: _owned(prepared(k)) for k in state}, str(out / NATIVE_WEIGHTS), metadata={"format": "pt"})
+    else:
+        _save_hf(out, config, state, prepared, dtype)
+    if tokenizer is not None and Path(tokenizer).resolve() != (out / TOKENIZER_FILE).resolve():
+        shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
+    return out
+
+
+def _save_meta(out: Path, config: ModelConfig, state: dict[str, Tensor], prepared, shards: int) -> None:
+    for name, t in state.items():
+        dim = _SHARD_DIM.get(name.split(".")[-2])
+        if shards > 1 and dim is not None and t.shape[dim] % shards:
+            raise CodeLlamaError(f"tensor {name} of shape {tuple(t.shape)} cannot be split over {shards} shards "
+                                 f"(dim {dim} is not a multiple of {shards})")
+    # Meta's loader passes params.json as keyword arguments next to its own max_seq_len, so that key stays out.
+    (out / "params.json").write_text(json.dumps(config.to_params(), indent=2) + "\n")
+    for old in out.glob("consolidated.*.pth"):
+        old.unlink()  # a stale rank from an earlier save would be merged into this one
+    for rank in range(shards):
+        shard: dict[str, Tensor] = {}
+        for name in state:
+            t = prepared(name)
+            dim = _SHARD_DIM.get(name.split(".")[-2])
+            if shards > 1 and dim is not None:
+                t = t.chunk(shards, dim=dim)[rank]
+            shard[name] = _owned(t)
+        torch.save(shard, out / f"consolidated.{rank:02d}.pth")
+        del shard
+
+
+def _save_hf(out: Path, config: ModelConfig, state: dict[str, Tensor], prepared, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+    hf_config = config.to_hf()
+    hf_config["torch_dtype"] = hf_config["dtype"] = _dtype_name(dtype)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    for old in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+    # Group tensors into files of at most HF_MAX_SHARD_BYTES, converting one file's worth at a time.
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * itemsize
+        if groups[-1] and size + nbytes > HF_MAX_SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(groups):
+        fname = NATIVE_WEIGHTS if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            t = prepared(name)
+            if (heads := _qk_heads(name, config)) is not None:
+                t = permute_to_hf(t, heads)
+            tensors[meta_to_hf_name(name)] = _owned(t)
+            weight_map[meta_to_hf_name(name)] = fname
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        del tensors
+    if len(groups) > 1:
+        total = sum(t.numel() for t in state.values()) * itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def convert(src: str | Path, dst: str | Path, to: str = "native", shards: int = 1,
+            dtype: torch.dtype | None = None) -> Path:
+    """Rewrite the checkpoint ``src`` in layout ``to``; the tokenizer travels along. Without ``dtype`` the
+    tensors keep their stored dtype, so Meta -> HF -> Meta is bit-exact."""
+    if to not in FORMATS:
+        raise CodeLlamaError(f"unknown checkpoint format {to!r} (use {', '.join(FORMATS)})")
+    src_dir, dst_dir = _checkpoint_dir(src), Path(dst).expanduser()
+    if dst_dir.exists() and dst_dir.resolve() == src_dir.resolve():
+        raise CodeLlamaError("the destination must differ from the source checkpoint")
+    model = load_model(src_dir)
+    tok = src_dir / TOKENIZER_FILE
+    return save_checkpoint(model, dst_dir, format=to, tokenizer=tok if tok.is_file() else None,
+                           shards=shards, dtype=dtype)
+
+
+# ---- describing without loading ------------------------------------------------------------------------
+def describe_checkpoint(path_or_name: str | Path) -> dict[str, Any]:
+    """``{"config", "format", "dtype", "files", "shards"}`` read from headers and params only; a released
+    model name (``CodeLlama-34b-Instruct``) gives its published config with format ``"released config"``."""
+    root = Path(path_or_name).expanduser()
+    if not root.exists():
+        try:
+            config = ModelConfig.from_name(str(path_or_name))
+        except CodeLlamaError:
+            raise CodeLlamaError(f"{path_or_name} is neither a checkpoint directory nor a released model name "
+                                 "(e.g. CodeLlama-7b, CodeLlama-34b-Python, CodeLlama-70b-Instruct)") from None
+        return {"config": config, "format": "released config", "dtype": None, "files": [], "shards": None}
+    root = _checkpoint_dir(root)
+    fmt = detect_format(root)
+    plan = _plan(root, fmt)
+    first = plan.parts.get("tok_embeddings.weight")
+    dtype = plan.infos[(first[0].file, first[0].name)].dtype if first else None
+    listed = [root / ("params.json" if fmt != "hf" else "config.json"), *plan.files]
+    if (root / TOKENIZER_FILE).is_file():
+        listed.append(root / TOKENIZER_FILE)
+    return {"config": plan.config, "format": fmt, "dtype": dtype,
+            "files": [p.name for p in listed], "shards": len(plan.files) if fmt == "meta" else None}
