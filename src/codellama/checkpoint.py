@@ -361,8 +361,8 @@ def _layer_of(name: str) -> int:
 def _assemble(name: str, tensors: list[Tensor], config: ModelConfig, fmt: str) -> Tensor:
     if len(tensors) > 1:
         dim = _SHARD_DIM.get(name.split(".")[-2])
-        # Replicated norms: every rank holds the same vector; keep rank 0's.
-        t = tensors[0] if dim is None else torch.cat(tensors, dim=dim)
+        # Replicated norms: every rank holds the same vector; keep (a copy of, so no map stays alive) rank 0's.
+        t = tensors[0].clone() if dim is None else torch.cat(tensors, dim=dim)
     else:
         t = tensors[0]
     if fmt == "hf" and (heads := _qk_heads(name, config)) is not None:
@@ -386,10 +386,18 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, dt
         dtype = getattr(torch, plan.infos[(first.file, first.name)].dtype)
 
     # Layer by layer: open the files, take that layer's tensors, merge shards / undo the HF permutation,
-    # cast and move, then drop the rest, so at most one layer is held twice.
-    groups: dict[int, list[str]] = {}
+    # cast and move, then close the files, so at most one layer is held twice. Tensors used as stored (one
+    # part, same dtype, CPU) stay views of their memory map, and are read in a separate opening from the ones
+    # that get copied: a map stays alive as long as one view does, and with it every page read through it.
+    def used_as_stored(name: str) -> bool:
+        parts = plan.parts[name]
+        return (len(parts) == 1 and device.type == "cpu"
+                and not (plan.format == "hf" and _qk_heads(name, plan.config) is not None)
+                and plan.infos[(parts[0].file, parts[0].name)].dtype == _dtype_name(dtype))
+
+    groups: dict[tuple[int, bool], list[str]] = {}
     for name in plan.parts:
-        groups.setdefault(_layer_of(name), []).append(name)
+        groups.setdefault((_layer_of(name), used_as_stored(name)), []).append(name)
     state: dict[str, Tensor] = {}
     for names in groups.values():
         wanted: dict[Path, set[str]] = {}
