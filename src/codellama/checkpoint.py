@@ -554,6 +554,9 @@ def convert(src: str | Path, dst: str | Path, to: str = "native", shards: int = 
     src_dir, dst_dir = _checkpoint_dir(src), Path(dst).expanduser()
     if dst_dir.exists() and dst_dir.resolve() == src_dir.resolve():
         raise CodeLlamaError("the destination must differ from the source checkpoint")
+    if dst_dir.exists() and (not dst_dir.is_dir() or any(dst_dir.iterdir())):
+        # Files of another layout left there would make the result ambiguous to load.
+        raise CodeLlamaError(f"destination {dst_dir} already exists and is not an empty directory")
     model = load_model(src_dir)
     tok = src_dir / TOKENIZER_FILE
     return save_checkpoint(model, dst_dir, format=to, tokenizer=tok if tok.is_file() else None,

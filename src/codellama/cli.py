@@ -39,39 +39,77 @@ def _add_info(sub) -> None:
 
 
 def cmd_info(args) -> None:
+    import torch
+
     from .api import DEFAULT_MODEL_DIR, resolve_dtype
     from .checkpoint import describe_checkpoint
 
-    import torch
+    if args.path is None and not DEFAULT_MODEL_DIR.is_dir():
+        raise CodeLlamaError("the embedded default model is not installed; pass a checkpoint directory "
+                             "or a released model name (e.g. CodeLlama-7b)")
+    if (args.context is not None and args.context < 1) or args.batch < 1:
+        raise CodeLlamaError("--context and --batch must be positive")
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     info = describe_checkpoint(args.path if args.path is not None else DEFAULT_MODEL_DIR)
     config = info["config"]
     mem = config.memory_estimate(args.context, args.batch, dtype)
-    result = {"name": config.name or str(args.path), "format": info["format"],
+    result = {"name": config.name or str(args.path), "format": info["format"], "shards": info.get("shards"),
               "checkpoint_dtype": info.get("dtype"), "files": info.get("files", []),
-              "params": config.num_params(), "config": config.to_params() | {"hidden_dim": config.ffn_hidden},
+              "params": config.num_params(),
+              "config": config.to_params() | {"n_kv_heads": config.n_kv_heads, "hidden_dim": config.ffn_hidden,
+                                              "max_seq_len": config.max_seq_len},
               "memory": {"dtype": str(dtype).removeprefix("torch."),
                          "context": args.context or config.max_seq_len, "batch": args.batch, **mem}}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"model        {result['name']}  ({result['format']} checkpoint)")
+    if result["format"] == "released config":
+        kind = "released config, no weights read"
+    else:
+        kind = f"{result['format']} checkpoint" + (f", {result['shards']} shards" if (result["shards"] or 1) > 1 else "")
+    print(f"model        {result['name']}  ({kind})")
     print(f"parameters   {result['params'] / 1e9:.3f}B ({result['params']:,})")
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "rope_theta", "norm_eps"):
-        print(f"{key:<12} {result['config'].get(key, config.n_heads)}")
-    print(f"max_seq_len  {config.max_seq_len}")
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "rope_theta", "norm_eps",
+                "max_seq_len"):
+        print(f"{key:<12} {result['config'][key]}")
     if result["checkpoint_dtype"]:
         print(f"stored dtype {result['checkpoint_dtype']}")
+    if result["files"]:
+        print(f"files        {' '.join(result['files'])}")
     m = result["memory"]
     print(f"memory       {m['dtype']}: weights {_human_bytes(m['weights'])} + KV cache "
           f"{_human_bytes(m['kv_cache'])} ({m['context']} tokens x {m['batch']}) = {_human_bytes(m['total'])}")
+
+
+# ---- convert ---------------------------------------------------------------------------------------
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="rewrite a checkpoint in the Meta, HF or native layout")
+    p.add_argument("src", help="checkpoint directory (Meta, HF or native layout)")
+    p.add_argument("dst", help="new directory to write (must not exist or be empty)")
+    p.add_argument("--to", required=True, choices=("meta", "hf", "native"), help="layout to write")
+    p.add_argument("--shards", type=int, default=1, help="model-parallel files to split into (Meta layout only)")
+    p.add_argument("--dtype", default=None, help="cast to float32, bfloat16 or float16 (default: keep the stored dtype)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> None:
+    import torch
+
+    from .api import resolve_dtype
+    from .checkpoint import convert, describe_checkpoint
+
+    dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype is not None else None
+    out = convert(args.src, args.dst, to=args.to, shards=args.shards, dtype=dtype)
+    info = describe_checkpoint(out)
+    print(f"wrote {out}: {info['format']} layout, {info['dtype']}, {len(info['files'])} files "
+          f"({', '.join(info['files'])})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="codellama", description="Code Llama: run, infill, chat, serve, train, evaluate.")
     parser.add_argument("--version", action="version", version="codellama " + __import__("codellama").__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for add in (_add_info,):
+    for add in (_add_info, _add_convert,):
         add(sub)
     return parser
 
