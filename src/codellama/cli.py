@@ -105,11 +105,214 @@ def cmd_convert(args) -> None:
           f"({', '.join(info['files'])})")
 
 
+# ---- complete / infill / chat ---------------------------------------------------------------------
+def _add_generation_options(p) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the checkpoint's")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeatable; \\n and \\t escapes are understood)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="raise the model's context length")
+    p.add_argument("--json", action="store_true", help="print one JSON result instead of streaming text")
+    p.add_argument("--logprobs", action="store_true", help="include per-token logprobs in --json output")
+
+
+def _read_arg(value: str | None, what: str) -> str:
+    if value is None or value == "-":
+        if sys.stdin.isatty() and value is None:
+            raise CodeLlamaError(f"no {what} given (pass it as an argument or '-' to read stdin)")
+        return sys.stdin.read()
+    return value
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
+
+
+def _sampling_kwargs(args) -> dict:
+    from .sampling import validate_sampling
+
+    # Bad values fail before the (possibly slow) model load.
+    validate_sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                      max_new_tokens=args.max_new_tokens)
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=[_unescape(s) for s in args.stop or []],
+                logprobs=bool(args.json and args.logprobs))
+
+
+def _load_for_generation(args):
+    from .api import load
+    return load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                max_seq_len=args.max_seq_len)
+
+
+def _emit(llama, run, args, extra: dict | None = None):
+    """Stream ``run(stream=True)`` to stdout, or print one JSON object with ``--json``; returns the Completion."""
+    import time
+
+    t0 = time.perf_counter()
+    if args.json:
+        completion = run(stream=False)
+    else:
+        stream = run(stream=True)
+        while True:
+            try:
+                delta = next(stream)
+            except StopIteration as done:
+                completion = done.value
+                break
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        if sys.stdout.isatty() and not completion.text.endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        return completion
+    seconds = time.perf_counter() - t0
+    out = {"model": llama.name, "text": completion.text, "tokens": completion.tokens,
+           "finish_reason": completion.finish_reason, "prompt_tokens": completion.prompt_tokens,
+           "completion_tokens": len(completion.tokens), "seconds": round(seconds, 4)}
+    if completion.logprobs is not None:
+        out["logprobs"] = completion.logprobs
+    out.update(extra(completion) if callable(extra) else extra or {})
+    print(json.dumps(out, ensure_ascii=False))
+    return completion
+
+
+def _add_complete(sub) -> None:
+    p = sub.add_parser("complete", help="continue a prompt (streams the completion)")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt text, or - to read it from stdin")
+    _add_generation_options(p)
+    p.set_defaults(func=cmd_complete)
+
+
+def cmd_complete(args) -> None:
+    kwargs = _sampling_kwargs(args)
+    prompt = _read_arg(args.prompt, "prompt")
+    llama = _load_for_generation(args)
+    _emit(llama, lambda stream: llama.complete(prompt, stream=stream, **kwargs), args)
+
+
+FILL_MARKER = "<FILL_ME>"
+
+
+def _add_infill(sub) -> None:
+    p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix (streams the middle)")
+    p.add_argument("--prefix", default=None, help="text before the gap")
+    p.add_argument("--suffix", default=None, help="text after the gap")
+    p.add_argument("--file", default=None, help=f"a file with one {FILL_MARKER} marker where the middle goes "
+                   "(- reads stdin)")
+    p.add_argument("--spm", action="store_true", help="suffix-prefix-middle prompt order instead of PSM")
+    _add_generation_options(p)
+    p.set_defaults(func=cmd_infill)
+
+
+def cmd_infill(args) -> None:
+    kwargs = _sampling_kwargs(args)
+    if args.file is not None:
+        if args.prefix is not None or args.suffix is not None:
+            raise CodeLlamaError("use either --file or --prefix/--suffix, not both")
+        if args.file == "-":
+            text = sys.stdin.read()
+        else:
+            try:
+                text = open(args.file, encoding="utf-8").read()
+            except OSError as e:
+                raise CodeLlamaError(f"cannot read {args.file}: {e.strerror}") from None
+        if text.count(FILL_MARKER) != 1:
+            raise CodeLlamaError(f"{args.file} must contain exactly one {FILL_MARKER} marker, "
+                                 f"found {text.count(FILL_MARKER)}")
+        prefix, suffix = text.split(FILL_MARKER)
+    else:
+        if args.prefix is None and args.suffix is None:
+            raise CodeLlamaError("give --prefix and/or --suffix, or --file with a <FILL_ME> marker")
+        prefix, suffix = args.prefix or "", args.suffix or ""
+    llama = _load_for_generation(args)
+    _emit(llama, lambda stream: llama.infill(prefix, suffix, suffix_first=args.spm, stream=stream, **kwargs),
+          args, extra=lambda c: {"filled": prefix + c.text + suffix})
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk to an Instruct model: one message, or a REPL on a terminal")
+    p.add_argument("message", nargs="?", default=None,
+                   help="the user message (- reads stdin); omit on a terminal for an interactive session")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_generation_options(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args) -> None:
+    kwargs = _sampling_kwargs(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = args.message is None and sys.stdin.isatty()
+    message = None if interactive else _read_arg(args.message, "message")
+    llama = _load_for_generation(args)
+    if not interactive:
+        _emit(llama, lambda stream: llama.chat(system + [{"role": "user", "content": message}],
+                                               stream=stream, **kwargs), args)
+        return
+    try:
+        import readline  # noqa: F401  (line editing and up-arrow history for input())
+    except ImportError:
+        pass
+    print(f"chatting with {llama.name or 'the model'}; /reset clears the history, /exit or Ctrl-D quits",
+          file=sys.stderr)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = []
+            continue
+        dialog = history + [{"role": "user", "content": line}]
+        try:
+            completion = _emit(llama, lambda stream: llama.chat(system + dialog, stream=stream, **kwargs), args)
+        except CodeLlamaError as e:  # e.g. a special tag in the message: say so and keep the session
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        history = dialog + [{"role": "assistant", "content": completion.text}]
+
+
+# ---- train -----------------------------------------------------------------------------------------------
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train with a recipe (code training with FIM, long-context fine-tuning)")
+    p.add_argument("recipe", help="a recipe .toml file or a bundled recipe name (tiny-pretrain, tiny-lcft)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--out-dir", default=None, help="override the recipe's out_dir")
+    p.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
+    p.add_argument("--device", default=None, help="override the recipe's device (auto, cpu, cuda)")
+    p.add_argument("--until-step", type=int, default=None,
+                   help="stop after this step (checkpointed) without changing the schedule; resume later")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> None:
+    from .training.trainer import load_recipe, train
+
+    config = load_recipe(args.recipe, out_dir=args.out_dir, max_steps=args.max_steps, device=args.device,
+                         progress=False if args.no_progress else None)
+    summary = train(config, resume=args.resume, until_step=args.until_step)
+    print(json.dumps(summary, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="codellama", description="Code Llama: run, infill, chat, serve, train, evaluate.")
     parser.add_argument("--version", action="version", version="codellama " + __import__("codellama").__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for add in (_add_info, _add_convert,):
+    for add in (_add_info, _add_convert, _add_complete, _add_infill, _add_chat, _add_train):
         add(sub)
     return parser
 

@@ -1,0 +1,299 @@
+"""Generation: KV cache vs recomputation, HF parity, batching, chunked prefill, exact text, streaming,
+stop strings, infilling and chat prompts, context and memory errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codellama import generation
+from codellama.api import CodeLlama
+from codellama.config import ModelConfig
+from codellama.errors import CodeLlamaError
+from codellama.formats import chat_tokens
+from codellama.generation import Completion, TextStream, generate
+from codellama.model import Transformer
+from codellama.tokenizer import Tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: OpenMP threads only add contention on a shared CPU (30x slower steps on 2 busy cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def _greedy_by_recompute(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """Reference: the full sequence through the model at every step, no cache."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.fixture
+def sharp_model(tiny_config) -> Transformer:
+    # Larger weights than init_weights' give peaked, varied next-token distributions (no near-ties, no loops).
+    torch.manual_seed(0)
+    model = Transformer(tiny_config)
+    model.init_weights(std=0.3)
+    return model.eval()
+
+
+def test_kv_cache_greedy_equals_full_recompute(sharp_model):
+    prompt = [1, 17, 300, 42, 9, 250]
+    [res] = generate(sharp_model, [prompt], max_new_tokens=24)
+    assert res.tokens == _greedy_by_recompute(sharp_model, prompt, 24)
+    assert res.finish_reason == "length" and len(set(res.tokens)) > 5
+
+
+def test_greedy_equals_hf_transformers_generate(sharp_model, tiny_config):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.LlamaConfig(**tiny_config.to_hf())
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    c = tiny_config
+    state = {}
+    for name, w in sharp_model.state_dict().items():
+        hf_name = (name.replace("tok_embeddings", "model.embed_tokens").replace("output.weight", "lm_head.weight")
+                   .replace("layers.", "model.layers.").replace("attention.w", "self_attn.")
+                   .replace("self_attn.q", "self_attn.q_proj").replace("self_attn.k", "self_attn.k_proj")
+                   .replace("self_attn.v", "self_attn.v_proj").replace("self_attn.o", "self_attn.o_proj")
+                   .replace("feed_forward.w1", "mlp.gate_proj").replace("feed_forward.w2", "mlp.down_proj")
+                   .replace("feed_forward.w3", "mlp.up_proj").replace("attention_norm", "input_layernorm")
+                   .replace("ffn_norm", "post_attention_layernorm"))
+        if hf_name == "norm.weight":
+            hf_name = "model.norm.weight"
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            # interleaved pairs (Meta) -> two halves per head (HF rotate-half)
+            heads = w.shape[0] // c.head_dim
+            w = w.view(heads, c.head_dim // 2, 2, c.dim).transpose(1, 2).reshape(w.shape)
+        state[hf_name] = w
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing)
+
+    prompt = [1, 17, 300, 42, 9, 250]
+    [ours] = generate(sharp_model, [prompt], max_new_tokens=32)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          do_sample=False, max_new_tokens=32, min_new_tokens=32, eos_token_id=None,
+                          pad_token_id=0)
+    assert ours.tokens == out[0, len(prompt):].tolist()
+
+
+def test_batched_equals_unbatched_with_padding_and_chunked_prefill(sharp_model):
+    prompts = [[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 300], [1, 99, 98, 97, 96]]
+    alone = [generate(sharp_model, [p], max_new_tokens=16)[0].tokens for p in prompts]
+    for chunk in (2048, 3):
+        together = generate(sharp_model, prompts, max_new_tokens=16, prefill_chunk=chunk)
+        assert [r.tokens for r in together] == alone
+    assert alone[0] == _greedy_by_recompute(sharp_model, prompts[0], 16)
+
+
+def test_logprobs_match_the_model_distribution(sharp_model):
+    prompt = [1, 17, 300, 42]
+    [res] = generate(sharp_model, [prompt], max_new_tokens=5, logprobs=True, prompt_logprobs=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(sharp_model(torch.tensor([prompt + res.tokens]))[0], dim=-1)
+    seq = prompt + res.tokens
+    expected = [logp[i - 1, seq[i]].item() for i in range(1, len(seq))]
+    assert res.prompt_logprobs[0] == 0.0
+    assert res.prompt_logprobs[1:] + res.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(sharp_model):
+    prompts = [[1, 5, 6], [1, 300, 301, 302, 303]]
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=50)
+    a = generate(sharp_model, prompts, seed=5, **kw)
+    b = generate(sharp_model, prompts, seed=5, **kw)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.tokens for r in a] != [r.tokens for r in generate(sharp_model, prompts, seed=6, **kw)]
+    # row i of a batch samples with seed + i: the same as running it alone with that seed
+    assert generate(sharp_model, [prompts[1]], seed=6, **kw)[0].tokens == a[1].tokens
+
+
+def test_stop_ids_end_a_row_without_keeping_the_token(sharp_model):
+    prompt = [1, 17, 300, 42, 9, 250]
+    free = generate(sharp_model, [prompt], max_new_tokens=10)[0].tokens
+    res = generate(sharp_model, [prompt], max_new_tokens=10, stop_ids=[free[4]])[0]
+    assert res.tokens == free[:free.index(free[4])] and res.finish_reason == "stop"
+
+
+def test_context_limit_errors_before_allocating_and_caps_new_tokens(sharp_model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(generation.KVCache, "allocate", classmethod(lambda *a, **k: calls.append(1)))
+    with pytest.raises(CodeLlamaError, match="256 tokens but the model's context is 256"):
+        generate(sharp_model, [[1] * 256], max_new_tokens=1)
+    with pytest.raises(CodeLlamaError, match="max_new_tokens"):
+        generate(sharp_model, [[1, 2]], max_new_tokens=0)
+    monkeypatch.setattr(generation, "available_memory", lambda device: 10_000)
+    with pytest.raises(CodeLlamaError, match="GiB is free"):
+        generate(sharp_model, [[1, 2]], max_new_tokens=8)
+    assert calls == []
+    monkeypatch.undo()
+    res = generate(sharp_model, [[1] * 250], max_new_tokens=100)[0]
+    assert len(res.tokens) == 6 and res.finish_reason == "length"
+
+
+class Scripted(Transformer):
+    """Our Transformer, with logits replaced so that it generates ``script`` after a prompt: tests the text
+    layer on exact token sequences. Records every token it is fed."""
+
+    def __init__(self, config: ModelConfig, script: list[int]):
+        super().__init__(config)
+        self.script, self.fed, self.prompt_len = script, [], None
+
+    def forward(self, tokens, positions=None, cache=None, valid=None, last_only=False):
+        if cache.length == 0:
+            self.fed = []
+        self.fed += tokens[0].tolist()
+        logits = super().forward(tokens, positions, cache, valid, last_only)
+        k = cache.length - self.prompt_len  # tokens generated and fed back so far
+        out = torch.full_like(logits, -1e4)
+        if 0 <= k < len(self.script):
+            out[:, -1, self.script[k]] = 0.0
+        else:
+            out[:, -1, 3] = 0.0
+        return out
+
+
+def _scripted(config: ModelConfig, tokenizer: Tokenizer, script: list[int], prompt_len: int) -> CodeLlama:
+    model = Scripted(config, script).eval()
+    model.prompt_len = prompt_len
+    return CodeLlama(model, tokenizer, name="scripted")
+
+
+@pytest.fixture
+def tiny_tok(tiny_tokenizer_path) -> Tokenizer:
+    return Tokenizer(tiny_tokenizer_path)
+
+
+def test_streaming_deltas_join_to_the_exact_text_with_emoji_and_cjk(tiny_config, tiny_tok):
+    target = " héllo 😀 中文字 🎉🎉 done\n    indented"
+    script = tiny_tok.encode_infilling(target)
+    assert sum(tiny_tok.id_to_piece(i).startswith("<0x") for i in script) >= 8  # byte fallback in play
+    prompt = "x ="
+    pids = tiny_tok.encode(prompt, bos=True)
+    llama = _scripted(tiny_config, tiny_tok, script, len(pids))
+    stream = llama.complete(prompt, max_new_tokens=len(script), stream=True)
+    deltas = []
+    while True:
+        try:
+            deltas.append(next(stream))
+        except StopIteration as done:
+            final = done.value
+            break
+    assert isinstance(final, Completion) and final.tokens == script
+    assert "".join(deltas) == final.text == target
+    assert all("\ufffd" not in d for d in deltas) and len(deltas) > 5
+    assert prompt + final.text == tiny_tok.decode(pids + final.tokens)
+    assert llama.complete(prompt, max_new_tokens=len(script)).text == target
+
+
+def test_incomplete_bytes_at_the_end_still_match_decode(tiny_tok):
+    emoji = tiny_tok.encode_infilling("😀")
+    ids = tiny_tok.encode_infilling("ab") + emoji[:2]
+    ts = TextStream(tiny_tok.decode, [1])
+    text = "".join(ts.push(t) for t in ids) + ts.flush()
+    assert text == tiny_tok.decode(ids) and text.endswith("\ufffd")
+
+
+def test_stop_strings_trim_and_are_never_streamed(tiny_config, tiny_tok):
+    target = "a = 1\nb = 2\n\nprint(a)"
+    script = tiny_tok.encode_infilling(target)
+    pids = tiny_tok.encode("x", bos=True)
+    llama = _scripted(tiny_config, tiny_tok, script, len(pids))
+    res = llama.complete("x", max_new_tokens=40, stop=["\n\n", "zzz"])
+    assert res.text == "a = 1\nb = 2" and res.finish_reason == "stop"
+    assert len(res.tokens) < len(script)
+    deltas = list(llama.complete("x", max_new_tokens=40, stop=["\n\n"], stream=True))
+    assert "".join(deltas) == "a = 1\nb = 2"
+    # a stop string split across tokens, and one that never completes (held back, then released)
+    assert llama.complete("x", max_new_tokens=40, stop=["= 2"]).text == "a = 1\nb "
+    assert llama.complete("x", max_new_tokens=len(script), stop=["(a)!"]).text == target
+
+
+def test_a_generated_space_piece_after_the_prompt_is_kept(real_tokenizer_path):
+    tok = Tokenizer(real_tokenizer_path)
+    config = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=32016, multiple_of=32, max_seq_len=128)
+    pids = tok.encode("x =", bos=True)
+    script = [tok.piece_to_id("▁return"), tok.piece_to_id("▁x")]
+    llama = _scripted(config, tok, script, len(pids))
+    res = llama.complete("x =", max_new_tokens=2)
+    assert res.text == " return x" and "x =" + res.text == tok.decode(pids + res.tokens)
+    assert llama.complete("x =", max_new_tokens=2, echo=True).text == "x = return x"
+
+
+def test_infill_feeds_the_spec_layout_stops_at_eot_and_keeps_indentation(tiny_config, tiny_tok):
+    prefix, suffix, middle = "def f(x):\n", "\n    return y\n", "    y = x * 2"
+    t = tiny_tok
+    psm = [t.bos_id, t.prefix_id] + t.encode(prefix) + [t.suffix_id] + t.encode_infilling(suffix) + [t.middle_id]
+    spm = [t.bos_id, t.prefix_id, t.suffix_id] + t.encode_infilling(suffix) + [t.middle_id] + t.encode(prefix)
+    script = t.encode_infilling(middle) + [t.eot_id] + t.encode_infilling("junk")
+    for layout, suffix_first in ((psm, False), (spm, True)):
+        llama = _scripted(tiny_config, t, script, len(layout))
+        res = llama.infill(prefix, suffix, suffix_first=suffix_first, max_new_tokens=50)
+        assert llama.model.fed[:len(layout)] == layout
+        assert res.text == middle and res.finish_reason == "stop"
+        assert res.tokens == t.encode_infilling(middle) and res.prompt_tokens == len(layout)
+    assert "".join(llama.infill(prefix, suffix, suffix_first=True, stream=True, max_new_tokens=50)) == middle
+    assert llama.infill(prefix, suffix, suffix_first=True, echo=True, max_new_tokens=50).text == \
+        prefix + middle + suffix
+    batch = llama.infill([prefix, prefix], [suffix, suffix], suffix_first=True, max_new_tokens=50)
+    assert [c.text for c in batch] == [middle, middle]
+
+
+def test_infill_real_vocabulary_layout(real_tokenizer_path):
+    tok = Tokenizer(real_tokenizer_path)
+    config = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=32016, multiple_of=32, max_seq_len=128)
+    middle = "    return x"
+    script = tok.encode_infilling(middle) + [tok.eot_id]
+    prompt = [1, 32007] + tok.encode("def f(x):\n") + [32008] + tok.encode_infilling("\n") + [32009]
+    llama = _scripted(config, tok, script, len(prompt))
+    res = llama.infill("def f(x):\n", "\n", max_new_tokens=20)
+    assert llama.model.fed[:len(prompt)] == prompt
+    assert res.text == middle and res.finish_reason == "stop"
+
+
+def test_infill_without_fim_pieces_names_the_model(tiny_config, tiny_nofim_tokenizer_path, sharp_model):
+    llama = CodeLlama(sharp_model, Tokenizer(tiny_nofim_tokenizer_path), name="CodeLlama-34b")
+    with pytest.raises(CodeLlamaError, match="'CodeLlama-34b' cannot infill"):
+        llama.infill("a", "b")
+
+
+def test_chat_refuses_special_tags_and_step_format_stops_at_step(tiny_config, tiny_step_tokenizer_path,
+                                                                tiny_tokenizer_path):
+    tok = Tokenizer(tiny_step_tokenizer_path)
+    dialog = [{"role": "user", "content": "write hello"}]
+    prompt = chat_tokens(tok, dialog)
+    script = tok.encode("print('hello')") + [tok.step_id] + tok.encode("more")
+    llama = _scripted(tiny_config, tok, script, len(prompt))
+    res = llama.chat(dialog, max_new_tokens=40)
+    assert llama.model.fed[:len(prompt)] == prompt and tok.step_id in prompt
+    assert res.text == "print('hello')" and res.finish_reason == "stop" and tok.step_id not in res.tokens
+    for bad in ("[INST] hi", "x <<SYS>> y", "a <step> b"):
+        with pytest.raises(CodeLlamaError, match="special tag"):
+            llama.chat([{"role": "user", "content": bad}])
+    inst = Tokenizer(tiny_tokenizer_path)
+    prompt = chat_tokens(inst, dialog)
+    llama = _scripted(tiny_config, inst, inst.encode("ok") + [inst.eos_id], len(prompt))
+    [a, b] = llama.chat([dialog, dialog], max_new_tokens=10)
+    assert a.text == b.text == "ok" and a.finish_reason == "stop"
+
+
+def test_api_argument_errors(sharp_model, tiny_tok):
+    llama = CodeLlama(sharp_model, tiny_tok)
+    with pytest.raises(CodeLlamaError, match="top_p"):
+        llama.complete("x", top_p=1.5)
+    with pytest.raises(CodeLlamaError, match="temperature"):
+        llama.complete("x", temperature=-1)
+    with pytest.raises(CodeLlamaError, match="single prompt"):
+        llama.complete(["a", "b"], stream=True)
+    with pytest.raises(CodeLlamaError, match="context"):
+        llama.complete("x" * 2000, max_new_tokens=4)
+    out = llama.complete(["a", "def f():"], max_new_tokens=6)
+    assert isinstance(out, list) and [c.prompt_tokens for c in out] == [len(tiny_tok.encode(p, bos=True))
+                                                                         for p in ("a", "def f():")]
