@@ -1,0 +1,337 @@
+"""Run untrusted, model-written programs against their tests and say passed / failed / timeout / error.
+
+Each program runs in its own process, in a fresh temporary directory, under a supervisor process
+(``_sandbox.py``, see its docstring for the process layout) with:
+
+- a wall-clock timeout (the supervisor kills the program; the executor kills the supervisor's session if that
+  ever hangs), a CPU-time limit (RLIMIT_CPU), an address-space limit (RLIMIT_AS), a file-size limit
+  (RLIMIT_FSIZE, which also caps stdout/stderr: they go to a file), a process-count limit (RLIMIT_NPROC), at most
+  256 open files, no core dumps;
+- stdin on /dev/null (a program that reads stdin gets EOF, it cannot block), a scrubbed environment
+  (PATH, HOME and TMPDIR pointing at the sandbox directory, one-thread BLAS), nice +5;
+- a pass recorded only when the program's code *returns*: ``sys.exit(0)``/``os._exit(0)`` before the asserts,
+  a crash, a closed stdout or a killed supervisor all leave the pass token unwritten, so they score as failures;
+- everything the program started killed and reaped afterwards (the supervisor is a child subreaper).
+
+Isolation levels (``Executor.isolation``):
+
+- ``"uid"`` (running as root, the default there): the program runs under a private, otherwise unused uid per
+  worker slot (``UID_BASE + slot``, claimed with a lock file), in a new network namespace (no network at all).
+  RLIMIT_NPROC then really binds (it never binds root), a fork bomb stays inside its slot, the program cannot
+  signal, ptrace or kill the executor, the supervisor or anybody else's processes, and cannot modify or delete any
+  file it does not own (root's files, the project, the user's home). Leftover processes are found by uid; files it
+  left in /tmp, /var/tmp and /dev/shm are deleted.
+- ``"rlimits"`` (not root): same limits and cleanup, but the program runs as *you*. RLIMIT_NPROC counts all your
+  processes, so the limit is set to "what you run now + max_processes"; leftover processes are found by process
+  group and by a random marker in their inherited environment. It can read, modify and delete anything you can,
+  signal your other processes, and use the network.
+
+Not isolated in either mode: reading world-readable files; disk space (each file is capped, not their number:
+a program can fill its temp dir's filesystem within its timeout); CPU caches/timing side channels; a determined
+adversary who looks up the pass token in its own interpreter's memory. For full isolation run the evaluation in a
+throw-away container, e.g. ``docker run --rm --network none --memory 8g --pids-limit 512 -v $PWD:/w IMAGE
+codellama eval evaluate /w/samples.jsonl``; the executor works the same inside it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from ..errors import CodeLlamaError
+
+SANDBOX_SCRIPT = Path(__file__).with_name("_sandbox.py")
+UID_BASE = 2_100_000_000  # far above system users, subuid ranges (100000+65536*n) and container id maps
+UID_SLOTS = 4096
+STATUSES = ("passed", "failed", "timeout", "error")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-program resource limits. ``cpu_seconds`` defaults to the wall-clock timeout rounded up, plus one."""
+
+    timeout: float = 10.0
+    memory_mb: int = 2048
+    cpu_seconds: int | None = None
+    file_size_mb: int = 16
+    max_processes: int = 16
+    output_chars: int = 2000
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
+            raise CodeLlamaError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        for name in ("memory_mb", "file_size_mb", "max_processes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "memory_mb" else 1):
+                raise CodeLlamaError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def cpu_limit(self) -> int:
+        return self.cpu_seconds if self.cpu_seconds is not None else int(math.ceil(self.timeout)) + 1
+
+
+@dataclass
+class ExecResult:
+    """The verdict on one program: ``status`` is passed / failed (an assertion failed) / timeout / error
+    (any other exception, early exit, crash or limit), with a one-line ``message`` and the program's output."""
+
+    status: str
+    message: str = ""
+    duration: float = 0.0
+    output: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        if not d["extra"]:
+            del d["extra"]
+        return d
+
+
+# ---- uid slots ---------------------------------------------------------------------------------------
+_LOCK_DIR = Path(tempfile.gettempdir()) / "codellama-sandbox-slots"
+
+
+def _claim_uid() -> tuple[int, int]:
+    """Claim a private uid for one worker: an exclusive flock on its lock file, held until released.
+
+    Several evaluations on one machine (or one process with several executors) never share a uid, so one run's
+    cleanup ("kill every process of uid X") can never hit another run's programs."""
+    _LOCK_DIR.mkdir(mode=0o755, exist_ok=True)
+    st = _LOCK_DIR.stat()
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise CodeLlamaError(f"{_LOCK_DIR} must be owned by root and not group/world-writable")
+    for i in range(UID_SLOTS):
+        fd = os.open(_LOCK_DIR / f"{UID_BASE + i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return UID_BASE + i, fd
+    raise CodeLlamaError("no free sandbox uid slot")
+
+
+def _processes_of(uid: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    pids.append(int(name))
+            except OSError:
+                pass
+    return pids
+
+
+def _kill_uid(uid: int) -> None:
+    """Belt and braces when a supervisor itself had to be killed (root only)."""
+    for _ in range(200):
+        pids = _processes_of(uid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def default_isolation() -> str:
+    return "uid" if hasattr(os, "geteuid") and os.geteuid() == 0 else "rlimits"
+
+
+def _env(sandbox_dir: str, marker: str) -> dict[str, str]:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": sandbox_dir, "TMPDIR": sandbox_dir,
+            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", "CODELLAMA_SANDBOX_MARKER": marker}
+
+
+class Executor:
+    """A pool of ``workers`` sandbox slots; ``run`` executes one program, ``map`` many in parallel.
+
+    Use as a context manager (or call ``close``) so the uid slots are released."""
+
+    def __init__(self, workers: int | None = None, limits: Limits = Limits(), isolation: str = "auto"):
+        if workers is None:
+            workers = os.cpu_count() or 1
+        if not isinstance(workers, int) or workers < 1:
+            raise CodeLlamaError(f"workers must be an integer >= 1, got {workers!r}")
+        if sys.platform != "linux":
+            raise CodeLlamaError("the sandboxed executor needs Linux (/proc, rlimits, pidfd)")
+        isolation = default_isolation() if isolation == "auto" else isolation
+        if isolation not in ("uid", "rlimits"):
+            raise CodeLlamaError(f"isolation must be auto, uid or rlimits, got {isolation!r}")
+        if isolation == "uid" and os.geteuid() != 0:
+            raise CodeLlamaError("isolation 'uid' needs root (it runs programs under private uids)")
+        self.workers, self.limits, self.isolation = workers, limits, isolation
+        self._slots: list[tuple[int | None, int | None]] = []
+        self._free: list[int] = []
+        self._cv = threading.Condition()
+        for _ in range(workers):
+            if isolation == "uid":
+                uid, fd = _claim_uid()
+                _kill_uid(uid)  # a crashed earlier run may have left something under this uid
+                self._slots.append((uid, fd))
+            else:
+                self._slots.append((None, None))
+        self._free = list(range(workers))
+
+    def close(self) -> None:
+        for _, fd in self._slots:
+            if fd is not None:
+                os.close(fd)
+        self._slots = []
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _acquire(self) -> int:
+        with self._cv:
+            while not self._free:
+                self._cv.wait()
+            return self._free.pop()
+
+    def _release(self, slot: int) -> None:
+        with self._cv:
+            self._free.append(slot)
+            self._cv.notify()
+
+    def run(self, program: str, limits: Limits | None = None) -> ExecResult:
+        slot = self._acquire()
+        try:
+            return self._run(program, limits or self.limits, self._slots[slot][0])
+        finally:
+            self._release(slot)
+
+    def map(self, programs: Sequence[str], limits: Limits | Sequence[Limits] | None = None,
+            on_result: Callable[[int, ExecResult], None] | None = None) -> list[ExecResult]:
+        """Run every program (``workers`` at a time); ``on_result(i, result)`` is called as each finishes."""
+        per = list(limits) if isinstance(limits, (list, tuple)) else [limits or self.limits] * len(programs)
+        results: list[ExecResult | None] = [None] * len(programs)
+        lock = threading.Lock()
+
+        def one(i: int) -> None:
+            r = self.run(programs[i], per[i])
+            results[i] = r
+            if on_result is not None:
+                with lock:
+                    on_result(i, r)
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            for f in [pool.submit(one, i) for i in range(len(programs))]:
+                f.result()
+        return results  # type: ignore[return-value]
+
+    def _run(self, program: str, limits: Limits, uid: int | None) -> ExecResult:
+        # A root-owned wrapper dir (0711) holds the program's own dir: the supervisor's "delete what the private
+        # uid left in /tmp" sweep then never touches the sandbox itself, and nothing here ever changes /tmp.
+        wrapper = tempfile.mkdtemp(prefix="codellama-exec-")
+        try:
+            os.chmod(wrapper, 0o711)
+            sandbox_dir = os.path.join(wrapper, "box")
+            os.mkdir(sandbox_dir, 0o700)
+            prog_path = os.path.join(sandbox_dir, "program.py")
+            with open(prog_path, "w", encoding="utf-8") as f:
+                f.write(program)
+            nproc = limits.max_processes
+            if uid is not None:
+                os.chown(sandbox_dir, uid, uid)
+                os.chmod(sandbox_dir, 0o700)
+            else:
+                nproc += len(_processes_of(os.getuid()))  # RLIMIT_NPROC counts all of this user's processes
+            marker = secrets.token_hex(16)
+            cfg = {"program": prog_path, "dir": sandbox_dir, "uid": uid, "marker": marker,
+                   "timeout": float(limits.timeout), "cpu_seconds": limits.cpu_limit,
+                   "memory_bytes": limits.memory_mb * 2**20, "file_size_bytes": limits.file_size_mb * 2**20,
+                   "nproc": nproc}
+            proc = subprocess.Popen([sys.executable, "-I", "-B", str(SANDBOX_SCRIPT), json.dumps(cfg)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=_env(sandbox_dir, marker), cwd=sandbox_dir, start_new_session=True)
+            try:
+                out, err = proc.communicate(timeout=limits.timeout + 15.0)
+            except subprocess.TimeoutExpired:
+                # The supervisor itself hung (it should never): kill its whole session and the private uid.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                if uid is not None:
+                    _kill_uid(uid)
+                out, err = proc.communicate()
+                return ExecResult("timeout", f"sandbox supervisor did not finish within {limits.timeout + 15:g} s")
+            try:
+                verdict = json.loads(out.decode())
+            except ValueError:
+                tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+                return ExecResult("error", f"sandbox failed: {tail[0][:300]}")
+            output = ""
+            try:
+                with open(os.path.join(sandbox_dir, "output.txt"), "rb") as f:
+                    output = f.read(limits.output_chars * 4).decode("utf-8", errors="replace")[:limits.output_chars]
+            except OSError:
+                pass
+            extra = {"leaked_processes": verdict["leaked"]} if verdict.get("leaked") else {}
+            return ExecResult(verdict["status"], verdict.get("message", ""), float(verdict.get("duration", 0.0)),
+                              output, extra)
+        finally:
+            _rmtree(wrapper)
+
+
+def _rmtree(root: str) -> None:
+    """Delete a sandbox wrapper dir even if the program chmod-ed its own dirs to 000 (only paths strictly inside
+    ``root`` are ever chmod-ed)."""
+    root = os.path.realpath(root)
+
+    def fix(func, p, exc):
+        if isinstance(exc, FileNotFoundError):
+            return
+        parent = os.path.realpath(os.path.dirname(p))
+        if not (parent == root or parent.startswith(root + os.sep)):
+            return
+        try:
+            os.chmod(parent, 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+            func(p)
+        except OSError:
+            pass
+
+    if os.path.isdir(root):
+        shutil.rmtree(root, onexc=fix) if sys.version_info >= (3, 12) else shutil.rmtree(
+            root, onerror=lambda f, p, info: fix(f, p, info[1]))
+
+
+def run_programs(programs: Sequence[str], limits: Limits = Limits(), workers: int | None = None,
+                 on_result: Callable[[int, ExecResult], None] | None = None) -> list[ExecResult]:
+    """Convenience: a fresh ``Executor`` for one batch of programs."""
+    with Executor(workers, limits) as ex:
+        return ex.map(programs, limits, on_result)
+
+
+def summarize_statuses(results: Iterable[ExecResult]) -> dict[str, int]:
+    counts = {s: 0 for s in STATUSES}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return counts
