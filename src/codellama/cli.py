@@ -251,6 +251,8 @@ def cmd_chat(args) -> None:
     system = [{"role": "system", "content": args.system}] if args.system else []
     interactive = args.message is None and sys.stdin.isatty()
     message = None if interactive else _read_arg(args.message, "message")
+    if message is not None and not message.strip():
+        raise CodeLlamaError("the message is empty")
     llama = _load_for_generation(args)
     if not interactive:
         _emit(llama, lambda stream: llama.chat(system + [{"role": "user", "content": message}],
