@@ -113,8 +113,13 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
             # Files from the legacy (pre-zip) serializer cannot be mapped; they are read whole.
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CodeLlamaError(f"refusing to load {path}: it holds more than tensors ({first})") from None
+        # torch's weights-only unpickler explains itself at length; keep the one fact that matters.
+        if m := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):
+            raise CodeLlamaError(f"refusing to load {path}: it holds more than tensors (a pickled {m.group(1)}; "
+                                 "unpickling it could run arbitrary code)") from None
+        m = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
+        raise CodeLlamaError(f"cannot read {path}: not a PyTorch weights file "
+                             f"({m.group(1).strip() if m else type(e).__name__})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CodeLlamaError(f"cannot read {path}: {first}") from None
@@ -273,9 +278,9 @@ def _config_from_params(root: Path, params: dict[str, Any], vocab_from: _TensorI
 
 def _plan(root: Path, fmt: str) -> _Plan:
     if fmt in ("meta", "native"):
+        params = _read_params(root)
         files = _meta_shards(root) if fmt == "meta" else [root / NATIVE_WEIGHTS]
         infos = {f: _file_index(f) for f in files}
-        params = _read_params(root)
         config = _config_from_params(root, params, infos[files[0]].get("tok_embeddings.weight"))
         plan = _Plan(fmt, config, files)
         for f in files:
@@ -375,6 +380,13 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, dt
     """Load a Meta, native or HF checkpoint directory into a ``Transformer`` (in eval mode).
 
     ``dtype=None`` keeps the stored dtype (that of the embedding); ``device=None`` means CPU."""
+    if _is_gguf(path):  # a llama.cpp file: dequantized to ``dtype`` (float32 by default)
+        from .gguf import load_gguf_model
+        return load_gguf_model(Path(path).expanduser(), device=device or "cpu", dtype=dtype or torch.float32,
+                               max_seq_len=max_seq_len)
+    if _is_quantized_dir(path):  # written by ``codellama quantize``: stays int8/int4
+        from .quantize import load_quantized
+        return load_quantized(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
     root = _checkpoint_dir(path)
     plan = _plan(root, detect_format(root))
     if max_seq_len is not None:
@@ -427,6 +439,9 @@ def load_tokenizer(path: str | Path | None, tokenizer: str | Path | None = None)
         return Tokenizer(candidate)
     if path is None:
         raise CodeLlamaError("no tokenizer given")
+    if _is_gguf(path):  # rebuilt from the file's tokenizer.ggml.* metadata
+        from .gguf import load_gguf_tokenizer
+        return load_gguf_tokenizer(Path(path).expanduser())
     root = Path(path).expanduser()
     candidate = root if root.is_file() and root.suffix == ".model" else root / TOKENIZER_FILE
     if not candidate.is_file():
@@ -546,11 +561,14 @@ def _save_hf(out: Path, config: ModelConfig, state: dict[str, Tensor], prepared,
 
 
 def convert(src: str | Path, dst: str | Path, to: str = "native", shards: int = 1,
-            dtype: torch.dtype | None = None) -> Path:
+            dtype: torch.dtype | None = None, outtype: str = "f16") -> Path:
     """Rewrite the checkpoint ``src`` in layout ``to``; the tokenizer travels along. Without ``dtype`` the
-    tensors keep their stored dtype, so Meta -> HF -> Meta is bit-exact."""
+    tensors keep their stored dtype, so Meta -> HF -> Meta is bit-exact. ``to="gguf"`` writes the file ``dst``
+    in ``outtype`` (f32, f16 or q8_0); a ``.gguf`` ``src`` converts to any directory layout."""
+    if to == "gguf" or _is_gguf(src):
+        return _convert_gguf(src, dst, to, shards, dtype, outtype)
     if to not in FORMATS:
-        raise CodeLlamaError(f"unknown checkpoint format {to!r} (use {', '.join(FORMATS)})")
+        raise CodeLlamaError(f"unknown checkpoint format {to!r} (use {', '.join(FORMATS)}, gguf)")
     src_dir, dst_dir = _checkpoint_dir(src), Path(dst).expanduser()
     if dst_dir.exists() and dst_dir.resolve() == src_dir.resolve():
         raise CodeLlamaError("the destination must differ from the source checkpoint")
@@ -561,6 +579,34 @@ def convert(src: str | Path, dst: str | Path, to: str = "native", shards: int = 
     tok = src_dir / TOKENIZER_FILE
     return save_checkpoint(model, dst_dir, format=to, tokenizer=tok if tok.is_file() else None,
                            shards=shards, dtype=dtype)
+
+
+def _is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def _is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path).expanduser() / "quantization.json").is_file()
+
+
+def _convert_gguf(src: str | Path, dst: str | Path, to: str, shards: int, dtype: torch.dtype | None,
+                  outtype: str) -> Path:
+    """GGUF in or out (see ``gguf.py``): the rebuilt SentencePiece model travels as ``tokenizer.model``."""
+    from .gguf import save_gguf
+    if to != "gguf" and to not in FORMATS:
+        raise CodeLlamaError(f"unknown checkpoint format {to!r} (use {', '.join(FORMATS)}, gguf)")
+    dst_path = Path(dst).expanduser()
+    if dst_path.exists() and dst_path.resolve() == Path(src).expanduser().resolve():
+        raise CodeLlamaError("the destination must differ from the source checkpoint")
+    model = load_model(src, dtype=dtype)
+    tok = load_tokenizer(src)
+    if to == "gguf":
+        if not _is_gguf(dst_path):
+            raise CodeLlamaError(f"a GGUF output needs a .gguf file name, got {dst_path}")
+        return save_gguf(model, tok, dst_path, outtype=outtype)
+    out = save_checkpoint(model, dst_path, format=to, shards=shards, dtype=dtype)
+    (out / TOKENIZER_FILE).write_bytes(tok.model_proto)
+    return out
 
 
 # ---- describing without loading ------------------------------------------------------------------------
@@ -575,6 +621,12 @@ def describe_checkpoint(path_or_name: str | Path) -> dict[str, Any]:
             raise CodeLlamaError(f"{path_or_name} is neither a checkpoint directory nor a released model name "
                                  "(e.g. CodeLlama-7b, CodeLlama-34b-Python, CodeLlama-70b-Instruct)") from None
         return {"config": config, "format": "released config", "dtype": None, "files": [], "shards": None}
+    if _is_gguf(root):
+        from .gguf import describe_gguf
+        return describe_gguf(root) | {"shards": None}
+    if _is_quantized_dir(root):
+        from .quantize import describe_quantized
+        return describe_quantized(root)
     root = _checkpoint_dir(root)
     fmt = detect_format(root)
     plan = _plan(root, fmt)

@@ -130,6 +130,7 @@ class ModelConfig:
             rope_theta=float(theta), max_seq_len=config.get("max_position_embeddings", 16384),
             hidden_dim=config["intermediate_size"],
         )
+        kwargs.update(_params_style_ffn(kwargs["dim"], kwargs["hidden_dim"]))
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -147,6 +148,17 @@ class ModelConfig:
 
     def _fields(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items()}
+
+
+def _params_style_ffn(dim: int, hidden: int) -> dict[str, Any]:
+    """Express an HF ``intermediate_size`` the way the released params.json do (Llama's default rounding, or a
+    released size's multiplier and multiple_of), so HF -> Meta conversion writes the original params.json;
+    other widths stay explicit."""
+    candidates = [(c.multiple_of, c.ffn_dim_multiplier) for c in RELEASED.values() if c.dim == dim] + [(256, None)]
+    for multiple_of, multiplier in candidates:
+        if ModelConfig(dim=dim, n_heads=1, multiple_of=multiple_of, ffn_dim_multiplier=multiplier).ffn_hidden == hidden:
+            return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier, "hidden_dim": None}
+    return {"hidden_dim": hidden}
 
 
 def _itemsize(dtype: torch.dtype) -> int:
