@@ -310,11 +310,17 @@ def cmd_train(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+# ---- eval ------------------------------------------------------------------------------------------
+def _add_eval(sub) -> None:
+    from .evaluation.command import add_parser  # the subcommands and their cmd functions live there
+    add_parser(sub, _Parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="codellama", description="Code Llama: run, infill, chat, serve, train, evaluate.")
     parser.add_argument("--version", action="version", version="codellama " + __import__("codellama").__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for add in (_add_info, _add_convert, _add_complete, _add_infill, _add_chat, _add_train):
+    for add in (_add_info, _add_convert, _add_complete, _add_infill, _add_chat, _add_train, _add_eval):
         add(sub)
     return parser
 
