@@ -391,3 +391,31 @@ def test_peak_rss_while_loading_stays_under_1_3x_checkpoint_size(big_checkpoints
     ratio = result["peak_kib"] * 1024 / size
     assert result["finite"]
     assert ratio < 1.3, f"peak RSS {result['peak_kib'] / 1024:.0f} MiB = {ratio:.2f}x the {size / 2**20:.0f} MiB checkpoint"
+
+
+# ---- the public API on top of the loader ------------------------------------------------------------------
+def test_api_load_and_logits(tmp_path, tiny_tokenizer_path, monkeypatch):
+    import codellama
+    import codellama.api
+    model = _random_model(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32))
+    out = save_checkpoint(model, tmp_path / "api-hf", format="hf", tokenizer=tiny_tokenizer_path)
+    llm = codellama.load(out, device="cpu", dtype="bfloat16")
+    assert llm.config.name == "api-hf" and llm.tokenizer.n_words == 512 and llm.dtype == torch.bfloat16
+    tokens = llm.tokenizer.encode("def f(x):\n    return x", bos=True)
+    one = llm.logits(tokens)
+    assert one.shape == (len(tokens), 512) and one.dtype == torch.float32
+    batch = llm.logits([tokens, tokens])
+    assert batch.shape == (2, len(tokens), 512) and torch.equal(batch[0], one)
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens]))[0]
+    assert (codellama.load(out, device="cpu", dtype="float32").logits(tokens) - expected).abs().max() < 1e-5
+    with pytest.raises(CodeLlamaError, match="unknown dtype 'int3'"):
+        codellama.load(out, device="cpu", dtype="int3")
+    small_vocab = save_checkpoint(_random_model(ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=100,
+                                                            multiple_of=32)),
+                                  tmp_path / "small", tokenizer=tiny_tokenizer_path)
+    with pytest.raises(CodeLlamaError, match="tokenizer has 512 pieces but the model's vocabulary is 100"):
+        codellama.load(small_vocab, device="cpu")
+    monkeypatch.setattr(codellama.api, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(CodeLlamaError, match="the embedded default model is not installed"):
+        codellama.load()
