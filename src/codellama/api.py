@@ -128,8 +128,10 @@ class CodeLlama:
 
 def load(path: str | Path | None = None, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, tokenizer: str | Path | None = None,
-         max_seq_len: int | None = None) -> CodeLlama:
-    """Load a checkpoint directory (Meta or HF layout); no path means the embedded default model."""
+         max_seq_len: int | None = None, quantize: str | None = None, group_size: int = 32) -> CodeLlama:
+    """Load a checkpoint directory (Meta, native, HF or quantized layout) or a ``.gguf`` file; no path means
+    the embedded default model. ``quantize="int8"|"int4"`` quantizes every linear layer weight-only
+    (int4 in groups of ``group_size``)."""
     from .checkpoint import load_model, load_tokenizer
 
     if path is None:
@@ -138,6 +140,11 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
         path = DEFAULT_MODEL_DIR
     dev = resolve_device(device)
     model = load_model(path, device=dev, dtype=resolve_dtype(dtype, dev), max_seq_len=max_seq_len)
+    if quantize is not None:
+        from .quantize import is_quantized, quantize_model
+        if is_quantized(model):
+            raise CodeLlamaError(f"{path} is already quantized; load it without quantize=")
+        quantize_model(model, quantize, group_size)
     tok = load_tokenizer(path, tokenizer)
     name = "default" if Path(path) == DEFAULT_MODEL_DIR else Path(path).name
     return CodeLlama(model, tok, name=model.config.name or name)

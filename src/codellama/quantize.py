@@ -342,7 +342,7 @@ def _dominant_mode(layers: dict[str, str]) -> str:
 def load_quantized(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                    max_seq_len: int | None = None) -> nn.Module:
     """A quantized checkpoint written by ``save_quantized``; ``dtype`` is the activation dtype."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .model import Transformer
@@ -361,7 +361,7 @@ def load_quantized(path: str | Path, *, device: torch.device | str | None = None
         config.max_seq_len = int(max_seq_len)
     try:
         state = load_file(str(root / WEIGHTS_FILE))
-    except (OSError, SafetensorsError) as e:
+    except (OSError, SafetensorError) as e:
         raise CodeLlamaError(f"cannot read {root / WEIGHTS_FILE}: {e}") from None
     device = torch.device("cpu") if device is None else torch.device(device)
     dtype = dtype or getattr(torch, info.get("dtype", "float32"))
@@ -405,3 +405,17 @@ __all__ = [
     "quantization_summary", "is_quantized", "is_quantized_checkpoint", "save_quantized", "load_quantized",
     "set_kernels",
 ]
+
+
+def describe_quantized(path: str | Path) -> dict[str, Any]:
+    """``describe_checkpoint``'s record for a quantized directory, from its JSON files only."""
+    root = Path(path).expanduser()
+    try:
+        info = json.loads((root / QUANT_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CodeLlamaError(f"{root / QUANT_FILE} is not a valid quantization record ({e})") from None
+    mode = info.get("mode", "?") + (f"/g{info['group_size']}" if info.get("group_size") else "")
+    files = [p.name for p in (root / "params.json", root / WEIGHTS_FILE, root / QUANT_FILE, root / "tokenizer.model")
+             if p.is_file()]
+    return {"config": ModelConfig.from_params(root / "params.json"), "format": f"quantized {mode}",
+            "dtype": info.get("dtype"), "files": files, "shards": None}
