@@ -71,6 +71,14 @@ def key_retrieval_prompt(tokenizer, length: int, depth: float, seed: int) -> tup
             break
         units.append(unit)
         used += n
+    # Top up with one-line assignments so the prompt lands within a few tokens of ``length``.
+    while True:
+        unit = f"CONSTANT_{len(units)} = {rng.randrange(10**6)}\n"
+        n = len(tokenizer.encode(unit))
+        if used + n > budget:
+            break
+        units.append(unit)
+        used += n
     at = round(depth * len(units))
     prompt = "".join(units[:at]) + key + "\n" + "".join(units[at:])
     return prompt.rstrip("\n") + QUESTION, value
