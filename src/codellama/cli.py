@@ -83,10 +83,12 @@ def cmd_info(args) -> None:
 
 # ---- convert ---------------------------------------------------------------------------------------
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="rewrite a checkpoint in the Meta, HF or native layout")
-    p.add_argument("src", help="checkpoint directory (Meta, HF or native layout)")
-    p.add_argument("dst", help="new directory to write (must not exist or be empty)")
-    p.add_argument("--to", required=True, choices=("meta", "hf", "native"), help="layout to write")
+    p = sub.add_parser("convert", help="rewrite a checkpoint in the Meta, HF or native layout, or as GGUF")
+    p.add_argument("src", help="checkpoint directory (Meta, HF or native layout) or a .gguf file")
+    p.add_argument("dst", help="new directory to write (must not exist or be empty), or a .gguf file")
+    p.add_argument("--to", required=True, choices=("meta", "hf", "native", "gguf"), help="layout to write")
+    p.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0"),
+                   help="GGUF tensor type for 2-D weights (--to gguf; default f16)")
     p.add_argument("--shards", type=int, default=1, help="model-parallel files to split into (Meta layout only)")
     p.add_argument("--dtype", default=None, help="cast to float32, bfloat16 or float16 (default: keep the stored dtype)")
     p.set_defaults(func=cmd_convert)
@@ -99,10 +101,45 @@ def cmd_convert(args) -> None:
     from .checkpoint import convert, describe_checkpoint
 
     dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype is not None else None
-    out = convert(args.src, args.dst, to=args.to, shards=args.shards, dtype=dtype)
+    out = convert(args.src, args.dst, to=args.to, shards=args.shards, dtype=dtype, outtype=args.outtype)
     info = describe_checkpoint(out)
     print(f"wrote {out}: {info['format']} layout, {info['dtype']}, {len(info['files'])} files "
           f"({', '.join(info['files'])})")
+
+
+# ---- quantize --------------------------------------------------------------------------------------
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of every linear layer")
+    p.add_argument("src", help="checkpoint directory (any layout) or a .gguf file")
+    p.add_argument("dst", help="directory to write (params.json, model.safetensors, quantization.json)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--int8", dest="mode", action="store_const", const="int8", help="int8, one scale per row")
+    mode.add_argument("--int4", dest="mode", action="store_const", const="int4", help="int4 in groups")
+    p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128, 256),
+                   help="int4 group size (default 32)")
+    p.add_argument("--dtype", default="float32", help="activation / embedding dtype stored (default float32)")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args) -> None:
+    from pathlib import Path
+
+    from .api import load
+    from .quantize import quantization_summary, save_quantized
+
+    src = Path(args.src).expanduser()
+    if Path(args.dst).expanduser().resolve() == src.resolve():
+        raise CodeLlamaError("the destination must differ from the source checkpoint")
+    llama = load(src, device="cpu", dtype=args.dtype, quantize=args.mode, group_size=args.group_size)
+    out = save_quantized(llama.model, args.dst, mode=args.mode,
+                         group_size=args.group_size if args.mode == "int4" else None)
+    (out / "tokenizer.model").write_bytes(llama.tokenizer.model_proto)
+    summary = quantization_summary(llama.model)
+    kinds: dict[str, int] = {}
+    for kind in summary["layers"].values():
+        kinds[kind] = kinds.get(kind, 0) + 1
+    print(f"wrote {out}: {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))} layers, "
+          f"weights {_human_bytes(summary['weight_bytes'])}")
 
 
 # ---- complete / infill / chat ---------------------------------------------------------------------
@@ -119,6 +156,8 @@ def _add_generation_options(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="raise the model's context length")
+    p.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                   help="quantize linear weights on load (int4 in groups of 32)")
     p.add_argument("--json", action="store_true", help="print one JSON result instead of streaming text")
     p.add_argument("--logprobs", action="store_true", help="include per-token logprobs in --json output")
 
@@ -149,7 +188,7 @@ def _sampling_kwargs(args) -> dict:
 def _load_for_generation(args):
     from .api import load
     return load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                max_seq_len=args.max_seq_len)
+                max_seq_len=args.max_seq_len, quantize=getattr(args, "quantize", None))
 
 
 def _emit(llama, run, args, extra: dict | None = None):
@@ -320,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="codellama", description="Code Llama: run, infill, chat, serve, train, evaluate.")
     parser.add_argument("--version", action="version", version="codellama " + __import__("codellama").__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for add in (_add_info, _add_convert, _add_complete, _add_infill, _add_chat, _add_train, _add_eval):
+    for add in (_add_info, _add_convert, _add_quantize, _add_complete, _add_infill, _add_chat, _add_train, _add_eval):
         add(sub)
     return parser
 
