@@ -39,7 +39,7 @@ def test_help_lists_core_commands(capsys):
     code, out, _ = _run(capsys, "--help")
     assert code == 0 and "info" in out and "convert" in out
     code, out, _ = _run(capsys, "convert", "--help")
-    assert code == 0 and "--to {meta,hf,native}" in out and "--shards" in out
+    assert code == 0 and "--to {meta,hf,native" in out and "--shards" in out
 
 
 def test_info_released_name(capsys):

@@ -375,7 +375,7 @@ def _assemble(name: str, tensors: list[Tensor], config: ModelConfig, fmt: str) -
     return t
 
 
-def load_model(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+def load_model(path: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                max_seq_len: int | None = None) -> Transformer:
     """Load a Meta, native or HF checkpoint directory into a ``Transformer`` (in eval mode).
 
@@ -392,8 +392,12 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, dt
     if max_seq_len is not None:
         plan.config.max_seq_len = int(max_seq_len)
     _check_plan(plan, root)
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if dtype is None:
+    from .api import resolve_device, resolve_dtype  # api imports this module lazily: no cycle
+
+    device = torch.device("cpu") if device is None else resolve_device(device)
+    if dtype is not None:
+        dtype = resolve_dtype(dtype, device)
+    else:
         first = plan.parts["tok_embeddings.weight"][0]
         dtype = getattr(torch, plan.infos[(first.file, first.name)].dtype)
 
