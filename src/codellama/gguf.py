@@ -224,7 +224,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
         reader = gguf.GGUFReader(path)
     except ValueError as e:
         msg = str(e)
-        m = re.search(r"(\d+) is not a valid GGMLQuantizationType", msg)
+        m = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", msg)
         if m:
             raise CodeLlamaError(f"{path}: unknown GGUF tensor type id {m.group(1)} "
                                  f"(supported: {', '.join(SUPPORTED_TYPES)})") from None
