@@ -1,7 +1,8 @@
 """Run untrusted, model-written programs against their tests and say passed / failed / timeout / error.
 
-Each program runs in its own process, in a fresh temporary directory, under a supervisor process
-(``_sandbox.py``, see its docstring for the process layout) with:
+Each program runs in its own process, in a fresh temporary directory, forked by a supervisor (``_sandbox.py``:
+one long-lived fork server per worker, so a program costs a fork, not an interpreter start; see its docstring
+for the process layout) with:
 
 - a wall-clock timeout (the supervisor kills the program; the executor kills the supervisor's session if that
   ever hangs), a CPU-time limit (RLIMIT_CPU), an address-space limit (RLIMIT_AS), a file-size limit
@@ -40,12 +41,14 @@ import json
 import math
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,10 +168,90 @@ def _env(sandbox_dir: str, marker: str) -> dict[str, str]:
             "MKL_NUM_THREADS": "1", "CODELLAMA_SANDBOX_MARKER": marker}
 
 
+class _Server:
+    """One worker slot: a persistent fork-server supervisor (``_sandbox.py --serve``) and, as root, the slot's
+    private uid. Started lazily, restarted whenever it dies or stops answering."""
+
+    def __init__(self, uid: int | None, lock_fd: int | None):
+        self.uid, self.lock_fd = uid, lock_fd
+        self.proc: subprocess.Popen | None = None
+        self.marker = ""
+        self._buf = b""
+
+    def start(self) -> None:
+        self.marker = secrets.token_hex(16)
+        home = tempfile.gettempdir()
+        self.proc = subprocess.Popen([sys.executable, "-I", "-B", str(SANDBOX_SCRIPT), "--serve"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env=_env(home, self.marker), cwd="/", start_new_session=True)
+        self._buf = b""
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.proc.wait()
+            for stream in (self.proc.stdin, self.proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+            self.proc = None
+        if self.uid is not None:
+            _kill_uid(self.uid)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.stdin.close()  # EOF: the server finishes its loop and exits
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            self.kill()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def job(self, cfg: dict, timeout: float) -> dict | None:
+        """Send one job, wait for its verdict line; ``None`` if the server died or hung (it is then killed)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.kill()
+            self.start()
+        cfg = dict(cfg, marker=self.marker)
+        try:
+            self.proc.stdin.write(json.dumps(cfg).encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self.kill()
+            return None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            ready = select.select([fd], [], [], max(0.0, remaining))[0] if remaining > 0 else []
+            if not ready:
+                self.kill()
+                return None
+            data = os.read(fd, 65536)
+            if not data:
+                self.kill()
+                return None
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            return json.loads(line.decode())
+        except ValueError:
+            self.kill()
+            return None
+
+
 class Executor:
     """A pool of ``workers`` sandbox slots; ``run`` executes one program, ``map`` many in parallel.
 
-    Use as a context manager (or call ``close``) so the uid slots are released."""
+    Each slot keeps a fork-server supervisor alive between programs. Use as a context manager (or call
+    ``close``) so the servers stop and the uid slots are released."""
 
     def __init__(self, workers: int | None = None, limits: Limits = Limits(), isolation: str = "auto"):
         if workers is None:
@@ -183,29 +266,37 @@ class Executor:
         if isolation == "uid" and os.geteuid() != 0:
             raise CodeLlamaError("isolation 'uid' needs root (it runs programs under private uids)")
         self.workers, self.limits, self.isolation = workers, limits, isolation
-        self._slots: list[tuple[int | None, int | None]] = []
-        self._free: list[int] = []
+        self._servers: list[_Server] = []
         self._cv = threading.Condition()
         for _ in range(workers):
             if isolation == "uid":
                 uid, fd = _claim_uid()
                 _kill_uid(uid)  # a crashed earlier run may have left something under this uid
-                self._slots.append((uid, fd))
+                self._servers.append(_Server(uid, fd))
             else:
-                self._slots.append((None, None))
+                self._servers.append(_Server(None, None))
         self._free = list(range(workers))
 
+    @property
+    def uids(self) -> list[int]:
+        return [s.uid for s in self._servers if s.uid is not None]
+
     def close(self) -> None:
-        for _, fd in self._slots:
-            if fd is not None:
-                os.close(fd)
-        self._slots = []
+        for server in self._servers:
+            server.close()
+        self._servers = []
 
     def __enter__(self) -> "Executor":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def _acquire(self) -> int:
         with self._cv:
@@ -219,9 +310,11 @@ class Executor:
             self._cv.notify()
 
     def run(self, program: str, limits: Limits | None = None) -> ExecResult:
+        if not self._servers:
+            raise CodeLlamaError("this executor is closed")
         slot = self._acquire()
         try:
-            return self._run(program, limits or self.limits, self._slots[slot][0])
+            return self._run(program, limits or self.limits, self._servers[slot])
         finally:
             self._release(slot)
 
@@ -244,7 +337,7 @@ class Executor:
                 f.result()
         return results  # type: ignore[return-value]
 
-    def _run(self, program: str, limits: Limits, uid: int | None) -> ExecResult:
+    def _run(self, program: str, limits: Limits, server: _Server) -> ExecResult:
         # A root-owned wrapper dir (0711) holds the program's own dir: the supervisor's "delete what the private
         # uid left in /tmp" sweep then never touches the sandbox itself, and nothing here ever changes /tmp.
         wrapper = tempfile.mkdtemp(prefix="codellama-exec-")
@@ -256,36 +349,18 @@ class Executor:
             with open(prog_path, "w", encoding="utf-8") as f:
                 f.write(program)
             nproc = limits.max_processes
-            if uid is not None:
-                os.chown(sandbox_dir, uid, uid)
-                os.chmod(sandbox_dir, 0o700)
+            if server.uid is not None:
+                os.chown(sandbox_dir, server.uid, server.uid)
             else:
                 nproc += len(_processes_of(os.getuid()))  # RLIMIT_NPROC counts all of this user's processes
-            marker = secrets.token_hex(16)
-            cfg = {"program": prog_path, "dir": sandbox_dir, "uid": uid, "marker": marker,
+            cfg = {"program": prog_path, "dir": sandbox_dir, "uid": server.uid,
                    "timeout": float(limits.timeout), "cpu_seconds": limits.cpu_limit,
                    "memory_bytes": limits.memory_mb * 2**20, "file_size_bytes": limits.file_size_mb * 2**20,
                    "nproc": nproc}
-            proc = subprocess.Popen([sys.executable, "-I", "-B", str(SANDBOX_SCRIPT), json.dumps(cfg)],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    env=_env(sandbox_dir, marker), cwd=sandbox_dir, start_new_session=True)
-            try:
-                out, err = proc.communicate(timeout=limits.timeout + 15.0)
-            except subprocess.TimeoutExpired:
-                # The supervisor itself hung (it should never): kill its whole session and the private uid.
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                if uid is not None:
-                    _kill_uid(uid)
-                out, err = proc.communicate()
-                return ExecResult("timeout", f"sandbox supervisor did not finish within {limits.timeout + 15:g} s")
-            try:
-                verdict = json.loads(out.decode())
-            except ValueError:
-                tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-                return ExecResult("error", f"sandbox failed: {tail[0][:300]}")
+            # The supervisor enforces the timeout; the extra 15 s only catch a supervisor that itself hangs.
+            verdict = server.job(cfg, limits.timeout + 15.0)
+            if verdict is None:
+                return ExecResult("error", "sandbox supervisor died or hung (restarted); program scored as failed")
             output = ""
             try:
                 with open(os.path.join(sandbox_dir, "output.txt"), "rb") as f:
