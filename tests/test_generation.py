@@ -138,31 +138,34 @@ def test_context_limit_errors_before_allocating_and_caps_new_tokens(sharp_model,
     assert len(res.tokens) == 6 and res.finish_reason == "length"
 
 
-class Scripted(Transformer):
-    """Our Transformer, with logits replaced so that it generates ``script`` after a prompt: tests the text
-    layer on exact token sequences. Records every token it is fed."""
+class _ScriptedOutput(torch.nn.Module):
+    """An output layer that ignores its input and puts all the mass on the next token of ``script``."""
 
-    def __init__(self, config: ModelConfig, script: list[int]):
-        super().__init__(config)
-        self.script, self.fed, self.prompt_len = script, [], None
+    def __init__(self, vocab_size: int, script: list[int]):
+        super().__init__()
+        self.vocab_size, self.script, self.calls = vocab_size, script, 0
+        self.register_buffer("weight", torch.empty(0))  # carries device and dtype, as CodeLlama expects
 
-    def forward(self, tokens, positions=None, cache=None, valid=None, last_only=False):
-        if cache.length == 0:
-            self.fed = []
-        self.fed += tokens[0].tolist()
-        logits = super().forward(tokens, positions, cache, valid, last_only)
-        k = cache.length - self.prompt_len  # tokens generated and fed back so far
-        out = torch.full_like(logits, -1e4)
-        if 0 <= k < len(self.script):
-            out[:, -1, self.script[k]] = 0.0
-        else:
-            out[:, -1, 3] = 0.0
+    def forward(self, h):
+        k, self.calls = self.calls, self.calls + 1  # one call per prefill, then one per decode step
+        out = torch.full((*h.shape[:-1], self.vocab_size), -1e4)
+        out[..., self.script[k] if k < len(self.script) else 3] = 0.0
         return out
 
 
-def _scripted(config: ModelConfig, tokenizer: Tokenizer, script: list[int], prompt_len: int) -> CodeLlama:
-    model = Scripted(config, script).eval()
-    model.prompt_len = prompt_len
+def _scripted(config: ModelConfig, tokenizer: Tokenizer, script: list[int]) -> CodeLlama:
+    """Our Transformer with a scripted output layer: generates ``script`` after any (short) prompt, to test
+    the text layer on exact token sequences. ``model.fed`` records the tokens fed to it."""
+    model = Transformer(config).eval()
+    model.output = _ScriptedOutput(config.vocab_size, script)
+    model.fed = []
+
+    def record(module, args):
+        tokens = args[0]
+        if tokens.shape[1] > 1:  # a prefill: a new generation starts
+            model.fed, model.output.calls = [], 0
+        model.fed += tokens[0].tolist()
+    model.tok_embeddings.register_forward_pre_hook(record)
     return CodeLlama(model, tokenizer, name="scripted")
 
 
@@ -177,7 +180,7 @@ def test_streaming_deltas_join_to_the_exact_text_with_emoji_and_cjk(tiny_config,
     assert sum(tiny_tok.id_to_piece(i).startswith("<0x") for i in script) >= 8  # byte fallback in play
     prompt = "x ="
     pids = tiny_tok.encode(prompt, bos=True)
-    llama = _scripted(tiny_config, tiny_tok, script, len(pids))
+    llama = _scripted(tiny_config, tiny_tok, script)
     stream = llama.complete(prompt, max_new_tokens=len(script), stream=True)
     deltas = []
     while True:
@@ -205,7 +208,7 @@ def test_stop_strings_trim_and_are_never_streamed(tiny_config, tiny_tok):
     target = "a = 1\nb = 2\n\nprint(a)"
     script = tiny_tok.encode_infilling(target)
     pids = tiny_tok.encode("x", bos=True)
-    llama = _scripted(tiny_config, tiny_tok, script, len(pids))
+    llama = _scripted(tiny_config, tiny_tok, script)
     res = llama.complete("x", max_new_tokens=40, stop=["\n\n", "zzz"])
     assert res.text == "a = 1\nb = 2" and res.finish_reason == "stop"
     assert len(res.tokens) < len(script)
@@ -221,7 +224,7 @@ def test_a_generated_space_piece_after_the_prompt_is_kept(real_tokenizer_path):
     config = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=32016, multiple_of=32, max_seq_len=128)
     pids = tok.encode("x =", bos=True)
     script = [tok.piece_to_id("▁return"), tok.piece_to_id("▁x")]
-    llama = _scripted(config, tok, script, len(pids))
+    llama = _scripted(config, tok, script)
     res = llama.complete("x =", max_new_tokens=2)
     assert res.text == " return x" and "x =" + res.text == tok.decode(pids + res.tokens)
     assert llama.complete("x =", max_new_tokens=2, echo=True).text == "x = return x"
@@ -234,7 +237,7 @@ def test_infill_feeds_the_spec_layout_stops_at_eot_and_keeps_indentation(tiny_co
     spm = [t.bos_id, t.prefix_id, t.suffix_id] + t.encode_infilling(suffix) + [t.middle_id] + t.encode(prefix)
     script = t.encode_infilling(middle) + [t.eot_id] + t.encode_infilling("junk")
     for layout, suffix_first in ((psm, False), (spm, True)):
-        llama = _scripted(tiny_config, t, script, len(layout))
+        llama = _scripted(tiny_config, t, script)
         res = llama.infill(prefix, suffix, suffix_first=suffix_first, max_new_tokens=50)
         assert llama.model.fed[:len(layout)] == layout
         assert res.text == middle and res.finish_reason == "stop"
@@ -252,7 +255,7 @@ def test_infill_real_vocabulary_layout(real_tokenizer_path):
     middle = "    return x"
     script = tok.encode_infilling(middle) + [tok.eot_id]
     prompt = [1, 32007] + tok.encode("def f(x):\n") + [32008] + tok.encode_infilling("\n") + [32009]
-    llama = _scripted(config, tok, script, len(prompt))
+    llama = _scripted(config, tok, script)
     res = llama.infill("def f(x):\n", "\n", max_new_tokens=20)
     assert llama.model.fed[:len(prompt)] == prompt
     assert res.text == middle and res.finish_reason == "stop"
@@ -270,7 +273,7 @@ def test_chat_refuses_special_tags_and_step_format_stops_at_step(tiny_config, ti
     dialog = [{"role": "user", "content": "write hello"}]
     prompt = chat_tokens(tok, dialog)
     script = tok.encode("print('hello')") + [tok.step_id] + tok.encode("more")
-    llama = _scripted(tiny_config, tok, script, len(prompt))
+    llama = _scripted(tiny_config, tok, script)
     res = llama.chat(dialog, max_new_tokens=40)
     assert llama.model.fed[:len(prompt)] == prompt and tok.step_id in prompt
     assert res.text == "print('hello')" and res.finish_reason == "stop" and tok.step_id not in res.tokens
@@ -279,7 +282,7 @@ def test_chat_refuses_special_tags_and_step_format_stops_at_step(tiny_config, ti
             llama.chat([{"role": "user", "content": bad}])
     inst = Tokenizer(tiny_tokenizer_path)
     prompt = chat_tokens(inst, dialog)
-    llama = _scripted(tiny_config, inst, inst.encode("ok") + [inst.eos_id], len(prompt))
+    llama = _scripted(tiny_config, inst, inst.encode("ok") + [inst.eos_id])
     [a, b] = llama.chat([dialog, dialog], max_new_tokens=10)
     assert a.text == b.text == "ok" and a.finish_reason == "stop"
 
@@ -297,3 +300,56 @@ def test_api_argument_errors(sharp_model, tiny_tok):
     out = llama.complete(["a", "def f():"], max_new_tokens=6)
     assert isinstance(out, list) and [c.prompt_tokens for c in out] == [len(tiny_tok.encode(p, bos=True))
                                                                          for p in ("a", "def f():")]
+
+
+def _forward_both(model: Transformer, pack: bool):
+    """Logits of a padded, chunked prefill and two decode steps: ``model.forward`` vs ``forward_step``."""
+    from codellama.generation import decoder_for, forward_step
+    from codellama.model import KVCache, rope_angles
+
+    torch.manual_seed(3)
+    B, P = 2, 9
+    tokens = torch.randint(3, 500, (B, P))
+    pads = torch.tensor([0, 4])
+    positions = (torch.arange(P).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+    caches = [KVCache.allocate(model.config, B, P + 2) for _ in range(2)]
+    for c in caches:
+        c.valid[1, :4] = False
+    dec = decoder_for(model, pack)
+    cos, sin = rope_angles(torch.arange(P + 2).unsqueeze(0), model.config.head_dim, model.config.rope_theta)
+    ref, ours = [], []
+    with torch.no_grad():
+        for s, e in ((0, 5), (5, 9)):
+            ref.append(model(tokens[:, s:e], positions[:, s:e], caches[0]))
+            ours.append(forward_step(model, dec, tokens[:, s:e], positions[:, s:e], caches[1], (cos[0], sin[0]),
+                                     True, last_only=False))
+        for step in range(2):
+            nxt = torch.tensor([[7 + step], [11 + step]])
+            pos = (P - pads + step).view(B, 1)
+            ref.append(model(nxt, pos, caches[0]))
+            ours.append(forward_step(model, dec, nxt, pos, caches[1], (cos[0], sin[0]), True))
+    return ref, ours
+
+
+def test_forward_step_is_model_forward_bit_for_bit(sharp_model):
+    ref, ours = _forward_both(sharp_model, pack=False)
+    assert all(torch.equal(a, b) for a, b in zip(ref, ours))
+
+
+def test_packed_weights_agree_and_follow_weight_updates(sharp_model):
+    from codellama.generation import can_pack, decoder_for
+
+    if not can_pack(sharp_model):
+        pytest.skip("oneDNN weight packing is not available here")
+    ref, ours = _forward_both(sharp_model, pack=True)
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(ref, ours))
+    prompt = [1, 17, 300, 42, 9, 250]
+    packed = generate(sharp_model, [prompt], max_new_tokens=16, pack=True)[0].tokens
+    assert packed == generate(sharp_model, [prompt], max_new_tokens=16, pack=False)[0].tokens
+    d1 = decoder_for(sharp_model, True)
+    assert decoder_for(sharp_model, True) is d1 and d1.packed
+    with torch.no_grad():
+        sharp_model.layers[0].feed_forward.w2.weight.mul_(3.0)  # a training step, say: the packed copy is stale
+    assert decoder_for(sharp_model, True) is not d1
+    assert generate(sharp_model, [prompt], max_new_tokens=16, pack=True)[0].tokens == \
+        _greedy_by_recompute(sharp_model, prompt, 16)
