@@ -158,6 +158,29 @@ def _kill_uid(uid: int) -> None:
                 pass
 
 
+def _kill_marked(marker: str) -> None:
+    """Kill every process whose inherited environment carries ``marker`` (they descend from one supervisor)."""
+    needle = f"CODELLAMA_SANDBOX_MARKER={marker}".encode()
+    for _ in range(50):
+        found = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/environ", "rb") as f:
+                        if needle in f.read():
+                            found.append(int(name))
+                except OSError:
+                    pass
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+
+
 def default_isolation() -> str:
     return "uid" if hasattr(os, "geteuid") and os.geteuid() == 0 else "rlimits"
 
@@ -201,6 +224,8 @@ class _Server:
             self.proc = None
         if self.uid is not None:
             _kill_uid(self.uid)
+        if self.marker:  # programs that outlived their supervisor (e.g. one that killed it), any isolation
+            _kill_marked(self.marker)
 
     def close(self) -> None:
         if self.proc is not None:
