@@ -95,6 +95,13 @@ def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.
     return w.reshape(n, -1)
 
 
+def _aligned(t: Tensor) -> Tensor:
+    """``t`` contiguous at a 64-byte boundary. The CPU int8 kernel uses aligned vector loads and crashes the
+    process (SIGSEGV) on tensors that merely start 8 bytes in, as safetensors' loaders can hand out."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 # ---- layers -------------------------------------------------------------------------------------------
 class QuantLinear(nn.Module):
     """Base of the quantized linears. ``weight`` is an empty buffer that only carries the layer's compute
@@ -137,7 +144,7 @@ class QuantLinear(nn.Module):
         if packed is None:
             return self._fallback(x)
         shape = x.shape
-        y = self._kernel(x.reshape(-1, shape[-1]).to(KERNEL_DTYPE), packed)
+        y = self._kernel(_aligned(x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)), packed)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def _kernel_for(self, device: torch.device) -> Any:
@@ -196,7 +203,7 @@ class Int8Linear(QuantLinear):
 
     def _pack(self) -> Any:
         op = torch.ops.aten._weight_int8pack_mm
-        return op, self.weight_int8.contiguous(), self.scales.to(KERNEL_DTYPE)
+        return op, _aligned(self.weight_int8), self.scales.to(KERNEL_DTYPE)
 
     def _kernel(self, x: Tensor, packed: Any) -> Tensor:
         op, w, s = packed
@@ -392,6 +399,8 @@ def load_quantized(path: str | Path, *, device: torch.device | str | None = None
                                  f"{tuple(expected[name].shape)}")
         if expected[name].is_floating_point() and not name.endswith(("scales", "zeros")):
             state[name] = t.to(dtype)
+        else:
+            state[name] = _aligned(t)
     model.load_state_dict(state, strict=True, assign=True)
     for m in model.modules():
         if isinstance(m, QuantLinear):
