@@ -80,6 +80,8 @@ def add_parser(sub, parser_class) -> None:
     p = evsub.add_parser("mbpp", help="MBPP test split (task_ids 11-510), 3-shot (pass@k)")
     _model_args(p)
     _gen_args(p, max_new_tokens=512, chat=True)
+    p.add_argument("--shots", type=int, default=3, help="few-shot examples (the paper: 3; fewer only for "
+                   "models whose context cannot hold them)")
     p.set_defaults(func=run)
 
     p = evsub.add_parser("humaneval-infilling", help="HumanEval single-line / multi-line / random-span infilling")
@@ -151,13 +153,13 @@ def _need_bench(args) -> None:
 
 # ---- problems per benchmark ------------------------------------------------------------------------------
 def build_problems(bench: str, *, data=None, chat: bool = False, subset: str = "single-line", mask: str = "line",
-                   seed: int = 0):
+                   seed: int = 0, shots: int = 3):
     from . import humaneval, infilling, mbpp
 
     if bench == "humaneval":
         return humaneval.problems(data, chat=chat)
     if bench == "mbpp":
-        return mbpp.problems(data, chat=chat)
+        return mbpp.problems(data, chat=chat, shots=shots)
     if bench == "humaneval-infilling":
         if data is None:
             raise CodeLlamaError("humaneval-infilling needs --data DIR (the released HumanEval-*Infilling.jsonl.gz)")
@@ -197,11 +199,14 @@ def run(args) -> None:
             raise CodeLlamaError(f"--workers must be >= 1, got {args.workers}")
         problems = as_problems(build_problems(bench, data=args.data, chat=getattr(args, "chat", False),
                                               subset=getattr(args, "subset", "single-line"),
-                                              mask=getattr(args, "mask", "line"), seed=args.seed), args.limit)
+                                              mask=getattr(args, "mask", "line"), seed=args.seed,
+                                              shots=getattr(args, "shots", 3)), args.limit)
         llama = _load(args)
         output = Path(args.output) if args.output else _default_output(bench, llama.name)
         samples = Path(args.samples) if args.samples else output.with_suffix(".samples.jsonl")
         extra = {"limit": args.limit, "chat": getattr(args, "chat", False), "data": args.data}
+        if bench == "mbpp":
+            extra["shots"] = 0 if extra["chat"] else args.shots
         if bench == "humaneval-infilling":
             extra["subset"] = args.subset
         if bench == "mbpp-infilling":
@@ -213,6 +218,11 @@ def run(args) -> None:
                                 extra_settings=extra)
         if bench == "mbpp-infilling":
             results["metrics"].update(_by_lines(results, problems))
+        over = results["metrics"].get("prompts_over_context")
+        if over:
+            print(f"warning: {over} prompt(s) longer than the model's context ({llama.config.max_seq_len} tokens) "
+                  "got empty completions and count as failures (see --max-seq-len"
+                  + (", --shots)" if bench == "mbpp" else ")"), file=sys.stderr)
     elif bench == "key-retrieval":
         from .long_context import default_lengths, key_retrieval, key_retrieval_grid
         from .report import plot_heatmap

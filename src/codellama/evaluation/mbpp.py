@@ -75,8 +75,8 @@ def few_shot_prompt(rows: dict[int, dict], row: dict, shots: tuple[int, ...] = F
     missing = [i for i in shots if i not in rows]
     if missing:
         raise CodeLlamaError(f"MBPP data lacks the few-shot tasks {missing}")
-    parts = [task_prompt(rows[i]) + "[BEGIN]\n" + rows[i]["code"] + "\n[DONE]\n" for i in shots]
-    return "\n".join(parts) + "\n" + task_prompt(row) + "[BEGIN]\n"
+    parts = [task_prompt(rows[i]) + "[BEGIN]\n" + rows[i]["code"] + "\n[DONE]\n\n" for i in shots]
+    return "".join(parts) + task_prompt(row) + "[BEGIN]\n"
 
 
 def program(row: dict, code: str) -> str:
@@ -95,7 +95,11 @@ def test_rows(rows: dict[int, dict]) -> list[dict]:
     return out
 
 
-def problems(data: str | Path | None = None, *, chat: bool = False) -> list[Problem]:
+def problems(data: str | Path | None = None, *, chat: bool = False, shots: int = 3) -> list[Problem]:
+    """The test problems; ``shots`` < 3 uses the first ``shots`` of tasks 2, 3, 4 (for models whose context
+    cannot hold the paper's 3-shot prompt; report it with the numbers)."""
+    if not isinstance(shots, int) or not 0 <= shots <= len(FEW_SHOT_IDS):
+        raise CodeLlamaError(f"--shots must be 0..{len(FEW_SHOT_IDS)}, got {shots!r}")
     rows = load_mbpp(data)
     out = []
     for row in test_rows(rows):
@@ -106,7 +110,7 @@ def problems(data: str | Path | None = None, *, chat: bool = False) -> list[Prob
                                extract=lambda reply, e=entry: extract_code(reply, e),
                                program=lambda c, r=row: program(r, c), reference=row["code"], timeout=TIMEOUT))
         else:
-            out.append(Problem(task_id=tid, kind="complete", prompt=few_shot_prompt(rows, row), stop=list(STOP),
+            out.append(Problem(task_id=tid, kind="complete", prompt=few_shot_prompt(rows, row, FEW_SHOT_IDS[:shots]), stop=list(STOP),
                                program=lambda c, r=row: program(r, c), reference=row["code"], timeout=TIMEOUT))
     return out
 

@@ -79,8 +79,10 @@ def summary(results: dict) -> str:
     rows = [(k, _fmt(m[k])) for k in _ordered_metrics(list(m)) if not isinstance(m[k], (dict, list))]
     s = results.get("settings", {})
     head = f"{results['benchmark']}  model={results.get('model') or '?'}"
-    knobs = ", ".join(f"{k}={s[k]}" for k in ("n_samples", "temperature", "top_p", "max_new_tokens", "limit",
-                                              "mask", "subset", "suffix_first", "seed") if k in s)
+    names = ["n_samples", "temperature", "top_p", "max_new_tokens", "limit", "shots", "mask", "subset", "seed"]
+    if "infilling" in results["benchmark"]:
+        names.append("suffix_first")
+    knobs = ", ".join(f"{k}={s[k]}" for k in names if s.get(k) is not None)
     out = [head + (f"  ({knobs})" if knobs else ""), table(rows, ("metric", "value"))]
     if results.get("statuses"):
         out.append("statuses: " + ", ".join(f"{k} {v}" for k, v in results["statuses"].items()))
