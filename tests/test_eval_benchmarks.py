@@ -317,3 +317,27 @@ def test_evaluate_human_eval_style_file_with_several_samples(tmp_path, capsys):
     assert res["metrics"]["pass@1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
     assert res["metrics"]["pass@2"] == pytest.approx((1.0 + (1 - 1 / 3)) / 2)
     assert res["statuses"]["passed"] == 3
+
+
+def test_mbpp_shots(mbpp_file):
+    from codellama.errors import CodeLlamaError
+    from codellama.evaluation import mbpp
+    three, one = mbpp.problems(mbpp_file)[0].prompt, mbpp.problems(mbpp_file, shots=1)[0].prompt
+    assert three.count("[BEGIN]") == 4 and one.count("[BEGIN]") == 2 and three.endswith(one.split("[DONE]\n\n")[-1])
+    assert "similar_elements" in one and "is_not_prime" not in one
+    with pytest.raises(CodeLlamaError, match="--shots"):
+        mbpp.problems(mbpp_file, shots=4)
+
+
+def test_evaluate_humaneval_infilling_samples(infilling_dir, tmp_path, capsys):
+    path = tmp_path / "hei.jsonl"
+    with open(path, "w") as f:
+        for i in range(3):
+            middle = f"    y = x + {i}\n" if i < 2 else "    y = x\n"
+            f.write(json.dumps({"task_id": f"SingleLineInfilling/HumanEval/{i}/L0", "completion": middle}) + "\n")
+    code, out, err = _run(["eval", "evaluate", str(path), "--data", str(infilling_dir), "--no-progress"], capsys)
+    assert code == 0, err
+    res = json.loads(path.with_suffix(".results.json").read_text())
+    assert res["benchmark"] == "humaneval-infilling" and res["settings"]["subset"] == "single-line"
+    assert res["metrics"]["pass@1"] == pytest.approx(2 / 3) and res["metrics"]["exact_match"] == pytest.approx(2 / 3)
+    assert res["metrics"]["edit_similarity"] == pytest.approx((1 + 1 + (1 - 4 / 13)) / 3)  # "    y = x" vs "    y = x + 2"

@@ -17,12 +17,14 @@ for the process layout) with:
 Isolation levels (``Executor.isolation``):
 
 - ``"uid"`` (running as root, the default there): the program runs under a private, otherwise unused uid per
-  worker slot (``UID_BASE + slot``, claimed with a lock file), in a new network namespace (no network at all).
+  worker slot (``UID_BASE + slot``, claimed with a lock file), in a new network namespace (no network at all;
+  where namespaces are not allowed, e.g. a default Docker container, the network stays shared: see
+  ``network_isolation_available``).
   RLIMIT_NPROC then really binds (it never binds root), a fork bomb stays inside its slot, the program cannot
   signal, ptrace or kill the executor, the supervisor or anybody else's processes, and cannot modify or delete any
   file it does not own (root's files, the project, the user's home). Leftover processes are found by uid; files it
   left in /tmp, /var/tmp and /dev/shm are deleted.
-- ``"rlimits"`` (not root): same limits and cleanup, but the program runs as *you*. RLIMIT_NPROC counts all your
+- ``"rlimits"`` (not root, or root in a user namespace without the uid range): same limits and cleanup, but the program runs as *you*. RLIMIT_NPROC counts all your
   processes, so the limit is set to "what you run now + max_processes"; leftover processes are found by process
   group and by a random marker in their inherited environment. It can read, modify and delete anything you can,
   signal your other processes, and use the network.
@@ -181,8 +183,39 @@ def _kill_marked(marker: str) -> None:
         time.sleep(0.01)
 
 
+def _uids_mapped() -> bool:
+    """Whether the private uid range exists in this user namespace (not so under rootless containers, where
+    root's setuid to an unmapped uid fails)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            for line in f:
+                inside, _, count = (int(x) for x in line.split())
+                if inside <= UID_BASE and UID_BASE + UID_SLOTS <= inside + count:
+                    return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
 def default_isolation() -> str:
-    return "uid" if hasattr(os, "geteuid") and os.geteuid() == 0 else "rlimits"
+    """``"uid"`` when running as root with the private uid range available, else ``"rlimits"``."""
+    return "uid" if hasattr(os, "geteuid") and os.geteuid() == 0 and _uids_mapped() else "rlimits"
+
+
+_NETWORK_PROBE: bool | None = None
+
+
+def network_isolation_available() -> bool:
+    """Whether a new network namespace can be made here (root with CAP_SYS_ADMIN; not in a default Docker
+    container). Under "uid" isolation programs then have no network; otherwise they share the host's."""
+    global _NETWORK_PROBE
+    if _NETWORK_PROBE is None:
+        probe = "import ctypes, sys; sys.exit(0 if ctypes.CDLL(None).unshare(0x40000000) == 0 else 1)"
+        try:
+            _NETWORK_PROBE = subprocess.run([sys.executable, "-I", "-c", probe], timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            _NETWORK_PROBE = False
+    return _NETWORK_PROBE
 
 
 def _env(sandbox_dir: str, marker: str) -> dict[str, str]:
@@ -288,8 +321,9 @@ class Executor:
         isolation = default_isolation() if isolation == "auto" else isolation
         if isolation not in ("uid", "rlimits"):
             raise CodeLlamaError(f"isolation must be auto, uid or rlimits, got {isolation!r}")
-        if isolation == "uid" and os.geteuid() != 0:
-            raise CodeLlamaError("isolation 'uid' needs root (it runs programs under private uids)")
+        if isolation == "uid" and (os.geteuid() != 0 or not _uids_mapped()):
+            raise CodeLlamaError("isolation 'uid' needs root and the uid range "
+                                 f"{UID_BASE}-{UID_BASE + UID_SLOTS - 1} (it runs programs under private uids)")
         self.workers, self.limits, self.isolation = workers, limits, isolation
         self._servers: list[_Server] = []
         self._cv = threading.Condition()
