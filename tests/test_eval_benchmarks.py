@@ -341,3 +341,19 @@ def test_evaluate_humaneval_infilling_samples(infilling_dir, tmp_path, capsys):
     assert res["benchmark"] == "humaneval-infilling" and res["settings"]["subset"] == "single-line"
     assert res["metrics"]["pass@1"] == pytest.approx(2 / 3) and res["metrics"]["exact_match"] == pytest.approx(2 / 3)
     assert res["metrics"]["edit_similarity"] == pytest.approx((1 + 1 + (1 - 4 / 13)) / 3)  # "    y = x" vs "    y = x + 2"
+
+
+def test_perplexity_default_files_are_held_out_stdlib_modules(tiny_ckpt, tmp_path, capsys):
+    from codellama.evaluation.long_context import default_perplexity_files
+    from codellama.training.corpus import CorpusConfig, split_of
+    files = default_perplexity_files(3)
+    assert len(files) == 3 and files[0].stat().st_size >= files[-1].stat().st_size
+    import sysconfig
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert all(split_of(f"stdlib/{f.relative_to(stdlib).as_posix()}", CorpusConfig()) == "heldout" for f in files)
+    out = tmp_path / "pd.json"
+    code, _, err = _run(["eval", "perplexity", "--model", str(tiny_ckpt), "--limit", "2", "--max-length", "200",
+                         "--no-progress", "--quiet", "--output", str(out)], capsys)
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert res["metrics"]["files"] == 2 and res["metrics"]["tokens"] == 2 * 199

@@ -114,7 +114,7 @@ def add_parser(sub, parser_class) -> None:
     p = evsub.add_parser("perplexity", help="perplexity vs token position on long files (plot)")
     _model_args(p)
     p.add_argument("--data", default=None, help="file or directory of source files (default: the longest "
-                   "modules of Python's standard library)")
+                   "held-out modules of Python's standard library, unseen by the embedded model)")
     p.add_argument("--limit", type=int, default=None, help="at most N files (default 8)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per file (default: the context)")
     p.add_argument("--bin-size", type=int, default=None, help="positions per bin (default: max-length/16)")

@@ -149,9 +149,22 @@ def key_retrieval_grid(results: dict) -> tuple[list, list, list[list]]:
 
 # ---- perplexity -------------------------------------------------------------------------------------------
 def default_perplexity_files(n: int) -> list[Path]:
-    """The longest modules of the Python standard library: long real code that every install has."""
+    """The longest *held-out* modules of the Python standard library: long real code every install has, and
+    which the training pipeline's deterministic split (``training.corpus.split_of``) kept out of the embedded
+    model's training data (the rest of the standard library is its training corpus)."""
+    from ..training.corpus import EXCLUDED_DIRS, CorpusConfig, reject_reason, split_of
+
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py"), key=lambda p: (-p.stat().st_size, p.name))
+    config = CorpusConfig()
+    files = []
+    for path in stdlib.rglob("*.py"):
+        rel = path.relative_to(stdlib)
+        if EXCLUDED_DIRS.intersection(rel.parts[:-1]):
+            continue
+        if split_of(f"stdlib/{rel.as_posix()}", config) == "heldout" and \
+                reject_reason(path.read_bytes(), config)[0] is None:  # no generated tables
+            files.append(path)
+    files.sort(key=lambda p: (-p.stat().st_size, str(p)))
     return files[:n]
 
 
