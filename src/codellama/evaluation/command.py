@@ -62,6 +62,8 @@ def _gen_args(p: argparse.ArgumentParser, *, max_new_tokens: int, chat: bool = F
                    "file is resumed")
     p.add_argument("--overwrite", action="store_true", help="start the samples file afresh")
     p.add_argument("--workers", type=int, default=None, help="parallel sandboxed programs (default: CPU cores)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per test program (default: 10 for "
+                   "HumanEval, 15 for MBPP)")
     if chat:
         p.add_argument("--chat", action="store_true", help="instruct model: prompt through the chat format")
 
@@ -197,6 +199,8 @@ def run(args) -> None:
                                       suffix_first=getattr(args, "spm", False))
         if args.workers is not None and args.workers < 1:
             raise CodeLlamaError(f"--workers must be >= 1, got {args.workers}")
+        if args.timeout is not None and not args.timeout > 0:
+            raise CodeLlamaError(f"--timeout must be a positive number of seconds, got {args.timeout}")
         problems = as_problems(build_problems(bench, data=args.data, chat=getattr(args, "chat", False),
                                               subset=getattr(args, "subset", "single-line"),
                                               mask=getattr(args, "mask", "line"), seed=args.seed,
@@ -215,7 +219,7 @@ def run(args) -> None:
                                 ks=args.k or _default_ks(args.n_samples), workers=args.workers,
                                 progress=progress, overwrite=args.overwrite,
                                 text_metrics=bench in ("humaneval-infilling", "mbpp-infilling"),
-                                extra_settings=extra)
+                                extra_settings=extra, timeout=args.timeout)
         if bench == "mbpp-infilling":
             results["metrics"].update(_by_lines(results, problems))
         over = results["metrics"].get("prompts_over_context")

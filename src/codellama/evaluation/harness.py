@@ -302,7 +302,7 @@ def _norm(text: str) -> str:
 def run_benchmark(llama: "CodeLlama", benchmark: str, problems: Sequence[Problem], settings: GenerationSettings,
                   *, samples_path: str | Path, ks: Sequence[int] = (1,), workers: int | None = None,
                   progress: bool = True, overwrite: bool = False, text_metrics: bool = False,
-                  extra_settings: dict | None = None) -> dict:
+                  extra_settings: dict | None = None, timeout: float | None = None) -> dict:
     """Generate (resumably), execute, score: the results dict that ``report.write_results`` saves."""
     if not problems:
         raise CodeLlamaError(f"{benchmark}: no problems selected")
@@ -313,12 +313,13 @@ def run_benchmark(llama: "CodeLlama", benchmark: str, problems: Sequence[Problem
     samples = generate_samples(llama, benchmark, problems, settings, samples_path, progress=progress,
                                overwrite=overwrite)
     gen_seconds = time.monotonic() - t0
-    scored = score_samples(problems, samples, ks=ks, workers=workers, progress=progress, text_metrics=text_metrics)
+    scored = score_samples(problems, samples, ks=ks, workers=workers, progress=progress, text_metrics=text_metrics,
+                           limits=Limits(timeout=timeout) if timeout is not None else None)
     skipped = sum(1 for s in samples if s.get("finish_reason") == "context")
     if skipped:
         scored["metrics"]["prompts_over_context"] = skipped
     return {"benchmark": benchmark, "model": llama.name, "model_params": llama.config.num_params(),
-            "settings": asdict(settings) | {"k": list(ks)} | (extra_settings or {}),
+            "settings": asdict(settings) | {"k": list(ks), "timeout": timeout} | (extra_settings or {}),
             "samples_file": str(samples_path), "generation_seconds": round(gen_seconds, 3), **scored}
 
 
