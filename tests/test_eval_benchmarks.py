@@ -128,6 +128,13 @@ def test_humaneval_sampling_pass_at_k(tiny_ckpt, tmp_path, capsys):
     rows = _lines(out.with_suffix(".samples.jsonl"))
     assert sorted(r["sample"] for r in rows) == [0, 1, 2]
     assert len({r["completion"] for r in rows}) > 1  # sampled, seeded per sample: not three copies
+    # Seeds belong to (problem, sample), not to the batch: batch size 1 draws exactly the same samples.
+    out1 = tmp_path / "hek1.json"
+    code, _, err = _run(["eval", "humaneval", "--model", str(tiny_ckpt), "--limit", "1", "--n-samples", "3",
+                         "--temperature", "0.8", "--top-p", "0.95", "--k", "1,2", "--batch-size", "1",
+                         "--max-new-tokens", "6", "--no-progress", "--output", str(out1)], capsys)
+    assert code == 0, err
+    assert [r["completion"] for r in _lines(out1.with_suffix(".samples.jsonl"))] == [r["completion"] for r in rows]
 
 
 def test_mbpp_end_to_end(tiny_ckpt, mbpp_file, tmp_path, capsys):

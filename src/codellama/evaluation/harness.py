@@ -46,6 +46,9 @@ class Problem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+SEED_STRIDE = 100_000  # seed of sample s of problem i: seed + i * SEED_STRIDE + s
+
+
 @dataclass
 class GenerationSettings:
     """How samples are generated; all of it goes into the results JSON and into each sample's settings hash."""
@@ -141,8 +144,8 @@ def generate_samples(llama: "CodeLlama", benchmark: str, problems: Sequence[Prob
     """Generate ``n_samples`` completions per problem, appending each finished batch to ``samples_path``
     (one JSON line per sample) so an interrupted run resumes where it stopped. Returns all samples.
 
-    Seeds: sample ``g`` (global index over (problem, sample) pairs) is drawn with seed ``settings.seed + g``,
-    whatever the batch size and whatever was generated before an interruption."""
+    Seeds: sample ``s`` of the ``i``-th problem is drawn with seed ``settings.seed + i * SEED_STRIDE + s``,
+    whatever the batch size, ``n_samples`` and whatever was generated before an interruption."""
     samples_path = Path(samples_path)
     key = settings.key(benchmark)
     if overwrite and samples_path.exists():
@@ -150,7 +153,9 @@ def generate_samples(llama: "CodeLlama", benchmark: str, problems: Sequence[Prob
     done = load_existing_samples(samples_path, key)
     greedy = settings.temperature == 0.0
     # Greedy decoding is deterministic: one generation per problem, copied to every sample index.
-    jobs = [(g, p, s) for g, (p, s) in enumerate((p, s) for p in problems for s in range(settings.n_samples))]
+    if settings.n_samples > SEED_STRIDE:
+        raise CodeLlamaError(f"--n-samples must be at most {SEED_STRIDE}")
+    jobs = [(i * SEED_STRIDE + s, p, s) for i, p in enumerate(problems) for s in range(settings.n_samples)]
     todo = [(g, p, s) for g, p, s in jobs if (p.task_id, s) not in done and not (greedy and s > 0)]
     samples_path.parent.mkdir(parents=True, exist_ok=True)
     _truncate_partial_line(samples_path)
@@ -193,11 +198,11 @@ def _generate_batch(llama: "CodeLlama", kind: str, batch: list, settings: Genera
         common = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                       top_p=settings.top_p, top_k=settings.top_k,
                       seed=None if settings.temperature == 0 else settings.seed + fits[0][0])
-        # Seeds are consecutive within a batch call (row i gets seed + i); keep the global index contiguous
-        # by splitting the batch wherever it is not.
+        # Sampling: row r of a call gets seed + r, so a call may only hold consecutive sample indices; split
+        # the batch wherever they are not. Greedy needs no seed and batches freely.
         groups, cur = [], [fits[0]]
         for job in fits[1:]:
-            if job[0] == cur[-1][0] + 1:
+            if common["seed"] is None or job[0] == cur[-1][0] + 1:
                 cur.append(job)
             else:
                 groups.append(cur)
