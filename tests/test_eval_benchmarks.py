@@ -140,9 +140,11 @@ def test_humaneval_sampling_pass_at_k(tiny_ckpt, tmp_path, capsys):
 def test_mbpp_end_to_end(tiny_ckpt, mbpp_file, tmp_path, capsys):
     out = tmp_path / "mbpp.json"
     code, _, err = _run(["eval", "mbpp", "--model", str(tiny_ckpt), "--data", str(mbpp_file), "--limit", "2",
-                         "--max-new-tokens", "8", "--no-progress", "--output", str(out)], capsys)
+                         "--max-new-tokens", "8", "--no-progress", "--name", "tiny-7b-lookalike", "--output",
+                         str(out)], capsys)
     assert code == 0, err
     res = json.loads(out.read_text())
+    assert res["model"] == "tiny-7b-lookalike" and res["settings"]["shots"] == 3
     assert [p["task_id"] for p in res["problems"]] == ["MBPP/11", "MBPP/12"]
     assert res["metrics"]["pass@1"] == 0.0
     prompt_tokens = _lines(out.with_suffix(".samples.jsonl"))[0]["prompt_tokens"]

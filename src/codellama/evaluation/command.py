@@ -40,6 +40,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--max-seq-len", type=int, default=None, help="override the model's context length")
+    p.add_argument("--name", default=None, help="model label in results and compare tables "
+                   "(default: the checkpoint's name or directory)")
     p.add_argument("--output", default=None, help="results JSON (default: BENCH-MODEL.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -173,8 +175,11 @@ def build_problems(bench: str, *, data=None, chat: bool = False, subset: str = "
 
 def _load(args):
     from ..api import load
-    return load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                max_seq_len=args.max_seq_len)
+    llama = load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                 max_seq_len=args.max_seq_len)
+    if args.name:
+        llama.name = args.name
+    return llama
 
 
 def _default_output(bench: str, model_name: str) -> Path:
