@@ -87,7 +87,7 @@ def test_greedy_equals_hf_transformers_generate(sharp_model, tiny_config):
 def test_batched_equals_unbatched_with_padding_and_chunked_prefill(sharp_model):
     prompts = [[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 300], [1, 99, 98, 97, 96]]
     alone = [generate(sharp_model, [p], max_new_tokens=16)[0].tokens for p in prompts]
-    for chunk in (2048, 3):
+    for chunk in (2048, 3, 1):
         together = generate(sharp_model, prompts, max_new_tokens=16, prefill_chunk=chunk)
         assert [r.tokens for r in together] == alone
     assert alone[0] == _greedy_by_recompute(sharp_model, prompts[0], 16)
@@ -353,3 +353,13 @@ def test_packed_weights_agree_and_follow_weight_updates(sharp_model):
     assert decoder_for(sharp_model, True) is not d1
     assert generate(sharp_model, [prompt], max_new_tokens=16, pack=True)[0].tokens == \
         _greedy_by_recompute(sharp_model, prompt, 16)
+
+
+def test_attention_in_row_blocks_matches_one_block(sharp_model, monkeypatch):
+    prompts = [[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [1, 300, 301, 302]]
+    ref = generate(sharp_model, prompts, max_new_tokens=8, prefill_chunk=5, logprobs=True)
+    monkeypatch.setattr(generation, "ATTENTION_MASK_ENTRIES", 20)  # forces blocks of a few query rows
+    blocked = generate(sharp_model, prompts, max_new_tokens=8, prefill_chunk=5, logprobs=True)
+    assert [r.tokens for r in blocked] == [r.tokens for r in ref]
+    for a, b in zip(blocked, ref):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

@@ -8,6 +8,7 @@ scheduler would drop or swap requests without touching the loop."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -129,16 +130,16 @@ def request_memory(model: Transformer, batch: int, prompt_len: int, cache_len: i
     kv = 2 * c.n_layers * batch * c.n_kv_heads * cache_len * c.head_dim * item
     t = max(1, min(prefill_chunk, prompt_len))
     # One layer's live tensors for a chunk: residual, normed input, q/k/v (+ float32 RoPE copies),
-    # the SwiGLU hidden pair; plus a [B, T, S] bool mask, which SDPA's CPU flash kernel turns into a
-    # float32 bias (1 + 4 bytes per entry), and the last-position logits.
+    # the SwiGLU hidden pair; plus the chunk's bool masks [B, T, S] and one block's float32 copy of its
+    # mask inside SDPA (see ATTENTION_MASK_ENTRIES), and the last-position logits.
     hidden = batch * t * (6 * c.dim + 3 * c.ffn_hidden) * 4
-    mask = batch * t * cache_len * 5
+    mask = batch * t * cache_len + 4 * min(batch * t * cache_len, ATTENTION_MASK_ENTRIES + batch * cache_len)
     logits = batch * c.vocab_size * 4 * 2
     return {"kv_cache": kv, "activations": hidden + mask + logits}
 
 
 def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  prefill_chunk: int) -> list[int]:
+                  prefill_chunk: int, pack: bool | None = None) -> list[int]:
     """Validate prompts against the model's context and free memory; returns each prompt's token budget.
 
     A prompt must leave room for one new token inside ``max_seq_len``; ``max_new_tokens`` is then capped to
@@ -163,7 +164,7 @@ def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
     cache_len = longest + max(budgets) - 1  # the last sampled token is never fed back
     need = request_memory(model, len(prompts), longest, cache_len, prefill_chunk)
     free = available_memory(model.output.weight.device)
-    total = need["kv_cache"] + need["activations"]
+    total = need["kv_cache"] + need["activations"] + pack_bytes(model, pack)
     if free is not None and total + MEMORY_HEADROOM > free:
         gib = 2**30
         raise CodeLlamaError(
@@ -187,7 +188,7 @@ def run(model: Transformer, requests: list[Request], *, prefill_chunk: int = DEF
     for r in requests:
         validate_sampling(max_new_tokens=r.max_new_tokens)
     budgets = check_request(model, [r.prompt for r in requests], max(r.max_new_tokens for r in requests),
-                            prefill_chunk)
+                            prefill_chunk, pack)
     for r, b in zip(requests, budgets):
         r.max_new_tokens = min(r.max_new_tokens, b)
     return _run(model, requests, prefill_chunk, pack)
@@ -221,7 +222,7 @@ def _run(model: Transformer, requests: list[Request], prefill_chunk: int,
     for start in range(0, P, prefill_chunk):
         end = min(start + prefill_chunk, P)
         logits = forward_step(model, dec, tokens[:, start:end], positions[:, start:end], cache, rope, padded,
-                              last_only=not want_prompt_logprobs)
+                              last_only=not want_prompt_logprobs, decode=False)
         if want_prompt_logprobs:
             _gather_prompt_logprobs(requests, logits, tokens, start, end, P)
             logits = logits[:, -1:]
@@ -271,6 +272,24 @@ def _packed_linear(weight: Tensor) -> Callable[[Tensor], Tensor]:
     return linear
 
 
+_KERNEL_WORKS: dict[torch.dtype, bool] = {}
+
+
+def _packing_works(dtype: torch.dtype) -> bool:
+    """A private op: check once per dtype that it exists and agrees with F.linear before trusting it."""
+    if dtype not in _KERNEL_WORKS:
+        try:
+            with torch.no_grad():
+                w = (torch.arange(16 * 32, dtype=torch.float32).view(16, 32).sin()).to(dtype)
+                x = (torch.arange(2 * 32, dtype=torch.float32).view(2, 1, 32).cos()).to(dtype)
+                got = _packed_linear(w)(x).float()
+                want = F.linear(x, w).float()
+            _KERNEL_WORKS[dtype] = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _KERNEL_WORKS[dtype] = False
+    return _KERNEL_WORKS[dtype]
+
+
 def can_pack(model: Transformer) -> bool:
     """oneDNN weight packing applies: CPU, float32/bfloat16, plain ``nn.Linear`` layers, kernel works."""
     w = model.output.weight
@@ -283,14 +302,7 @@ def can_pack(model: Transformer) -> bool:
                                  layer.feed_forward.w1, layer.feed_forward.w2, layer.feed_forward.w3)]
     if not all(type(m) is torch.nn.Linear for m in linears):
         return False  # e.g. quantized layers: they have their own kernels
-    try:  # a private op: check it exists and agrees with F.linear before trusting it
-        probe_w = torch.randn(16, 32, dtype=w.dtype)
-        probe_x = torch.randn(2, 1, 32, dtype=w.dtype)
-        got = _packed_linear(probe_w)(probe_x).float()
-        want = torch.nn.functional.linear(probe_x, probe_w).float()
-        return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
-    except (RuntimeError, AttributeError):
-        return False
+    return _packing_works(w.dtype)
 
 
 @dataclass
@@ -331,37 +343,103 @@ class Decoder:
     versions: tuple[int, ...]
 
 
-def _versions(model: Transformer) -> tuple[int, ...]:
-    return tuple(p._version for p in model.parameters()) + tuple(id(p) for p in model.parameters())
+def _versions(model: Transformer) -> tuple:
+    # In-place updates bump _version; .to() / load_state_dict(assign=True) move the data.
+    return tuple((p._version, p.data_ptr(), p.dtype) for p in model.parameters())
+
+
+# Decoders live beside their models (not on them: a model stays picklable and its state_dict untouched).
+_DECODERS: "weakref.WeakKeyDictionary[Transformer, Decoder]" = weakref.WeakKeyDictionary()
+
+
+def _cached_decoder(model: Transformer, pack: bool) -> Decoder | None:
+    cached = _DECODERS.get(model)
+    if cached is not None and cached.packed == pack and cached.versions == _versions(model):
+        return cached
+    return None
+
+
+def will_pack(model: Transformer, pack: bool | None = None) -> bool:
+    """Whether generation uses packed weights: ``pack=None`` packs on CPU when the model's weights are at
+    most ``PACK_LIMIT_BYTES`` (the packed copy doubles them), True packs whenever possible, False never."""
+    if pack is None:
+        pack = _weight_bytes(model) <= PACK_LIMIT_BYTES
+    return bool(pack) and can_pack(model)
+
+
+def _weight_bytes(model: Transformer) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def pack_bytes(model: Transformer, pack: bool | None = None) -> int:
+    """Bytes a packed copy would add now (0 if not packing or already packed)."""
+    pack = will_pack(model, pack)
+    if not pack or _cached_decoder(model, pack) is not None:
+        return 0
+    return _weight_bytes(model) - model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
 
 
 def decoder_for(model: Transformer, pack: bool | None = None) -> Decoder:
-    """The decode step's state for ``model``, cached on it. ``pack``: None packs on CPU when the model's
-    weights are at most ``PACK_LIMIT_BYTES`` (the packed copy doubles them), True packs whenever possible,
-    False never."""
-    if pack is None:
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        pack = size <= PACK_LIMIT_BYTES
-    pack = bool(pack) and can_pack(model)
-    cached: Decoder | None = model.__dict__.get("_codellama_decoder")
-    versions = _versions(model)
-    if cached is not None and cached.packed == pack and cached.versions == versions:
+    """The generation forward's per-model state (see ``will_pack``), cached on the model and rebuilt when its
+    weights change."""
+    pack = will_pack(model, pack)
+    cached = _cached_decoder(model, pack)
+    if cached is not None:
         return cached
+    versions = _versions(model)
     with torch.no_grad():
         if pack:
             dec = Decoder([_packed_layer(layer) for layer in model.layers], _packed_linear(model.output.weight),
                           True, versions)
         else:
             dec = Decoder([_plain_layer(layer) for layer in model.layers], model.output, False, versions)
-    model.__dict__["_codellama_decoder"] = dec  # not a submodule or buffer: invisible to state_dict()
+    _DECODERS[model] = dec
     return dec
 
 
+# Entries of one attention call's mask. SDPA's CPU flash kernel takes a mask but turns a bool one into a
+# float32 bias, so a 2048-token chunk against 32k cached keys would hold 320 MiB of mask; above this budget
+# the chunk's queries attend in row blocks (each seeing only the keys it may), ~40 MiB at most.
+ATTENTION_MASK_ENTRIES = 2**23
+
+
+@dataclass
+class _AttentionBlock:
+    rows: slice  # query rows of the chunk
+    keys: int  # attend to cache slots [0, keys)
+    mask: Tensor | None
+    causal: bool = False
+
+
+def _attention_blocks(cache: KVCache, B: int, T: int, padded: bool, decode: bool) -> list[_AttentionBlock]:
+    start, end = cache.length, cache.length + T
+    if T == 1 and decode:
+        # Every slot up to the new one is causal for it; only padding is hidden (a view: nothing to build).
+        return [_AttentionBlock(slice(0, 1), end, cache.valid[:, None, None, :end] if padded else None)]
+    if not padded and start == 0:
+        return [_AttentionBlock(slice(0, T), end, None, causal=True)]
+    rows = max(1, min(T, ATTENTION_MASK_ENTRIES // (B * end)))
+    blocks = []
+    for lo in range(0, T, rows):
+        hi = min(lo + rows, T)
+        keys = start + hi  # later slots are in the future of every query in the block
+        slots = torch.arange(keys, device=cache.valid.device)
+        query_slots = slots[start + lo:].unsqueeze(1)
+        mask = slots.unsqueeze(0) <= query_slots  # [rows, keys] causal
+        if padded:
+            # A padding query may see itself, so no row is fully masked (that would put NaNs in the cache).
+            mask = mask & (cache.valid[:, :keys].unsqueeze(1) | (slots.unsqueeze(0) == query_slots))
+            mask = mask.unsqueeze(1)  # [B, 1, rows, keys]
+        blocks.append(_AttentionBlock(slice(lo, hi), keys, mask))
+    return blocks
+
+
 def forward_step(model: Transformer, dec: Decoder, tokens: Tensor, positions: Tensor, cache: KVCache,
-                 rope: tuple[Tensor, Tensor], padded: bool, last_only: bool = True) -> Tensor:
+                 rope: tuple[Tensor, Tensor], padded: bool, last_only: bool = True, decode: bool = True) -> Tensor:
     """Logits (float32; [B, 1, V] with ``last_only``) for tokens [B, T] written to the next T cache slots.
 
-    The same computation as ``Transformer.forward`` with a cache (bit for bit with unpacked weights)."""
+    The same computation as ``Transformer.forward`` with a cache (bit for bit with unpacked weights, when
+    the attention fits in one block). ``decode``: the tokens are generated ones, so none is padding."""
     B, T = tokens.shape
     c = model.config
     H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
@@ -369,19 +447,7 @@ def forward_step(model: Transformer, dec: Decoder, tokens: Tensor, positions: Te
     if end > cache.size:
         raise ValueError(f"KV cache holds {cache.size} tokens; {end} requested")
     cos, sin = rope[0][positions], rope[1][positions]  # [B, T, hd/2], from the table: no trig per step
-    mask, causal = None, False
-    if T == 1:
-        # Every slot up to the new one is causal for it; only padding is hidden (a view: nothing to build).
-        mask = cache.valid[:, None, None, :end] if padded else None
-    elif padded or start > 0:
-        slots = torch.arange(end, device=tokens.device)
-        mask = slots.unsqueeze(0) <= slots[start:].unsqueeze(1)  # [T, S] causal
-        if padded:
-            # A padding query may see itself, so no row is fully masked (that would put NaNs in the cache).
-            mask = (mask & (cache.valid[:, :end].unsqueeze(1) | (slots.unsqueeze(0) == slots[start:].unsqueeze(1))))
-            mask = mask.unsqueeze(1)  # [B, 1, T, S]
-    else:
-        causal = True
+    blocks = _attention_blocks(cache, B, T, padded, decode)
     h = model.tok_embeddings(tokens)
     for i, (layer, ops) in enumerate(zip(model.layers, dec.layers)):
         q, k, v = ops.qkv(layer.attention_norm(h))
@@ -390,8 +456,10 @@ def forward_step(model: Transformer, dec: Decoder, tokens: Tensor, positions: Te
         k_cache, v_cache = cache.k[i], cache.v[i]
         k_cache[:, :, start:end] = k
         v_cache[:, :, start:end] = v.view(B, T, KV, hd).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
-                                             is_causal=causal, enable_gqa=KV != H)
+        outs = [F.scaled_dot_product_attention(q[:, :, b.rows], k_cache[:, :, :b.keys], v_cache[:, :, :b.keys],
+                                               attn_mask=b.mask, is_causal=b.causal, enable_gqa=KV != H)
+                for b in blocks]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         h = h + ops.wo(out.transpose(1, 2).reshape(B, T, H * hd))
         h = h + ops.ffn(layer.ffn_norm(h))
     cache.length = end
