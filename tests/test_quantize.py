@@ -102,9 +102,10 @@ def test_fallback_is_exactly_the_dequantized_model(model128, mode):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_packed_kernels_agree_with_fallback(model128, mode):
+@pytest.mark.parametrize("length", [8, 80])  # decode-shaped (packed kernel) and prefill-shaped (bf16 GEMM)
+def test_packed_kernels_agree_with_fallback(model128, mode, length):
     q = quantize_model(copy.deepcopy(model128), mode, 32)
-    tokens = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, 512, (1, length), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         fast = q(tokens)
         used = [m.uses_kernel("cpu") for m in q.modules() if isinstance(m, QuantLinear)]
@@ -113,6 +114,16 @@ def test_packed_kernels_agree_with_fallback(model128, mode):
     # On CPU PyTorch ships both kernels; the only difference is bfloat16 activations.
     assert all(used)
     assert _rel_rms(fast, slow) < 0.01
+
+
+def test_misaligned_input_is_safe():
+    """PyTorch's CPU int8 kernel segfaults on operands not 64-byte aligned; views with an offset must work."""
+    layer = Int8Linear.from_linear(nn.Linear(128, 64, bias=False))
+    buf = torch.randn(15 * 128 + 4).bfloat16()
+    x = buf[4:].view(15, 128)
+    assert x.data_ptr() % 64 != 0
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).float(), layer(x.clone()).float())
 
 
 def test_int4_falls_back_to_int8_where_group_does_not_divide(tiny_model):
