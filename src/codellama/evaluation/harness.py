@@ -165,6 +165,9 @@ def generate_samples(llama: "CodeLlama", benchmark: str, problems: Sequence[Prob
         by_kind.setdefault((job[1].kind, tuple(job[1].stop)), []).append(job)
     with open(samples_path, "a", encoding="utf-8") as out:
         for (kind, _), kind_jobs in by_kind.items():
+            if greedy:  # similar lengths in one batch waste less on padding; seeds do not matter here
+                kind_jobs.sort(key=lambda job: len(job[1].prompt) + len(job[1].suffix)
+                               + sum(len(m["content"]) for m in job[1].messages))
             for start in range(0, len(kind_jobs), settings.batch_size):
                 batch = kind_jobs[start:start + settings.batch_size]
                 rows = _generate_batch(llama, kind, batch, settings)
