@@ -242,6 +242,9 @@ def run(args) -> None:
         llama = _load(args)
         output = Path(args.output) if args.output else _default_output(bench, llama.name)
         lengths = args.lengths or default_lengths(llama.config.max_seq_len)
+        if not lengths:
+            raise CodeLlamaError(f"the model's context ({llama.config.max_seq_len} tokens) is too short for the "
+                                 "default key-retrieval lengths; pass --lengths (or --max-seq-len)")
         results = key_retrieval(llama, lengths, args.depths, args.n_samples, args.seed, args.batch_size, progress)
         rows, cols, grid = key_retrieval_grid(results)
         plot = Path(args.plot) if args.plot else output.with_suffix(".png")
