@@ -92,6 +92,13 @@ def llamacpp_worker(args) -> dict:
     llm = Llama(model_path=args.gguf, n_ctx=n_ctx, n_threads=args.threads, n_threads_batch=args.threads,
                 n_batch=512, logits_all=False, verbose=False)
 
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        # Without logits_all, llama-cpp-python (0.3.x) no longer copies logits into ``scores``; the context
+        # holds one output row, the last evaluated token's.
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
     def greedy(n: int) -> tuple[float, float, list[int]]:
         """(prefill seconds, seconds for n-1 decode steps, tokens) with argmax sampling on raw logits."""
         llm.reset()
@@ -100,7 +107,7 @@ def llamacpp_worker(args) -> dict:
         t1 = time.perf_counter()
         tokens = []
         for i in range(n):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
             tokens.append(tok)
             if i < n - 1:
                 llm.eval([tok])
