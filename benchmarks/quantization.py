@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("fp32", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128")
+# ``-out8``: the output projection in int8 (llama.cpp's mixed formats keep it at higher precision too).
+VARIANTS = ("fp32", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g32-out8")
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "codellama-tokenizer.model"
 PROMPT = ("import os\nimport sys\n\n\ndef read_config(path):\n    \"\"\"Read a key=value file into a dict.\"\"\"\n"
           "    result = {}\n    with open(path) as f:\n        for line in f:\n")
@@ -52,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ppl-files", type=int, default=4)
     p.add_argument("--ppl-tokens", type=int, default=1024)
+    p.add_argument("--profile", action="store_true", help="also profile 16 decode steps (top ops by self CPU time)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -79,8 +81,9 @@ def build(args, variant: str):
             raise SystemExit("a random config needs --tokenizer (a 32016-piece tokenizer.model)")
         llama = CodeLlama(model.to(dtype).eval(), Tokenizer(tok_path), name=config.name)
     if variant.startswith("int"):
-        mode, _, group = variant.partition("-g")
-        quantize_model(llama.model, mode, int(group or 32))
+        base, _, out = variant.partition("-out")
+        mode, _, group = base.partition("-g")
+        quantize_model(llama.model, mode, int(group or 32), output=f"int{out}" if out else None)
     return llama
 
 
@@ -124,6 +127,22 @@ def measure_perplexity(llama, n_files: int, max_tokens: int) -> dict:
     return {"perplexity": math.exp(nll / count), "ppl_tokens": count, "ppl_files": [f.name for f in files]}
 
 
+def profile_decode(llama, prompt_len: int, steps: int = 16, top: int = 8) -> list[dict]:
+    """Where decode time goes: the ops with the most self CPU time over ``steps`` decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from codellama.generation import generate
+
+    prompt = prompt_ids(llama, prompt_len)
+    generate(llama.model, [prompt], max_new_tokens=2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(llama.model, [prompt], max_new_tokens=steps + 1)
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1000,
+             "share": e.self_cpu_time_total / total} for e in rows]
+
+
 def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     from codellama.quantize import QuantLinear, quantization_summary
@@ -137,6 +156,8 @@ def worker(args) -> dict:
               "kernel_layers": sum(m.uses_kernel("cpu") for m in quant), "quantized_layers": len(quant)}
     result |= measure_speed(llama, args.prompt_len, args.new_tokens, args.repeats)
     result |= measure_perplexity(llama, args.ppl_files, args.ppl_tokens)
+    if args.profile:
+        result["profile"] = profile_decode(llama, args.prompt_len)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
 
@@ -174,6 +195,10 @@ def main(argv=None) -> None:
         print(f"{r['variant']:<10} {r['weight_bytes'] / 2**20:>7.1f}Mi {r['peak_rss_bytes'] / 2**20:>7.0f}Mi "
               f"{r['prefill_tok_s']:>7.0f}/s {r['decode_tok_s']:>6.1f}/s {r['decode_speedup_vs_fp32']:>7.2f}x "
               f"{r['perplexity']:>10.3f} {100 * r['ppl_increase_vs_fp32']:>+6.2f}%  {same}/{len(base['greedy_tokens'])}")
+    for r in results:
+        for p in r.get("profile", []):
+            print(f"  {r['variant']:<10} {p['op'][:40]:<40} {p['calls']:>6} calls {p['self_ms']:>8.1f} ms "
+                  f"{100 * p['share']:>5.1f}%")
     report = {"benchmark": "quantization", "settings": {k: v for k, v in vars(args).items() if k != "worker"},
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpu_count": os.cpu_count(), "torch": torch.__version__,

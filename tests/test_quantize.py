@@ -208,3 +208,18 @@ def test_api_errors(tmp_path, model128, tiny_tokenizer_path):
 def test_bias_is_refused():
     with pytest.raises(CodeLlamaError, match="has a bias"):
         quantize_model(nn.Sequential(nn.Linear(32, 8)), "int8")
+
+
+def test_output_layer_override(tmp_path, model128, tiny_tokenizer_path):
+    q = quantize_model(copy.deepcopy(model128), "int4", 32, output="int8")
+    layers = quantization_summary(q)["layers"]
+    assert layers["output"] == "int8" and layers["layers.1.attention.wo"] == "int4/g32"
+    kept = quantize_model(copy.deepcopy(model128), "int8", output="none")
+    assert type(kept.output) is nn.Linear and torch.equal(kept.output.weight, model128.output.weight)
+    out = save_quantized(kept, tmp_path / "q", tokenizer=tiny_tokenizer_path)
+    again = load(out, device="cpu")
+    assert type(again.model.output) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(again.model(torch.tensor([[1, 5, 9]])), kept(torch.tensor([[1, 5, 9]])))
+    with pytest.raises(CodeLlamaError, match="unknown output-layer quantization 'fp8'"):
+        quantize_model(copy.deepcopy(model128), "int8", output="fp8")

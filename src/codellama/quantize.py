@@ -282,19 +282,26 @@ class Int4Linear(QuantLinear):
 
 
 # ---- whole models -------------------------------------------------------------------------------------
-def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, group_size: int = 32, output: str | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` in place by its quantized version; returns the model.
 
+    ``output`` overrides the mode of the output projection (``model.output``): ``"int8"``, or ``"none"`` to
+    keep it in full precision, as llama.cpp's mixed formats keep it at higher precision than the rest.
     int4 layers whose row length the group size does not divide are stored as int8 instead (reported by
     ``quantization_summary``)."""
     _check_mode(mode, group_size)
+    if output not in (None, "int8", "int4", "none"):
+        raise CodeLlamaError(f"unknown output-layer quantization {output!r} (use int8, int4 or none)")
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
             if child.bias is not None:
                 raise CodeLlamaError(f"{parent_name}.{child_name} has a bias; Code Llama layers have none")
-            if mode == "int4" and child.in_features % group_size == 0:
+            layer_mode = output if (output and parent_name == "" and child_name == "output") else mode
+            if layer_mode == "none":
+                continue
+            if layer_mode == "int4" and child.in_features % group_size == 0:
                 new: QuantLinear = Int4Linear.from_linear(child, group_size)
             else:
                 new = Int8Linear.from_linear(child)
