@@ -315,3 +315,17 @@ def test_cli_convert_to_gguf(tmp_path, checkpoint):
     assert r.returncode == 0, r.stderr
     assert "Q8_0" in r.stdout
     assert cg.read_gguf(tmp_path / "m.gguf").type_name("blk.0.ffn_down.weight") == "Q8_0"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_gguf_quantized_on_load_equals_quantized_after(tmp_path, checkpoint, mode):
+    """``load(x.gguf, quantize=...)`` re-quantizes tensor by tensor; same result as quantizing the float model."""
+    from codellama.quantize import QuantLinear, quantize_model
+
+    path = convert(checkpoint, tmp_path / "m.gguf", to="gguf", outtype="q8_0")
+    streamed = load(path, device="cpu", quantize=mode)
+    full = load(path, device="cpu")
+    quantize_model(full.model, mode, 32)
+    assert sum(isinstance(m, QuantLinear) for m in streamed.model.modules()) == 15
+    tokens = full.tokenizer.encode(PROMPT, bos=True)
+    assert torch.equal(streamed.logits(tokens), full.logits(tokens))

@@ -139,8 +139,14 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
             raise CodeLlamaError("the embedded default model is not installed; pass a checkpoint path")
         path = DEFAULT_MODEL_DIR
     dev = resolve_device(device)
-    model = load_model(path, device=dev, dtype=resolve_dtype(dtype, dev), max_seq_len=max_seq_len)
-    if quantize is not None:
+    if quantize is not None and str(path).lower().endswith(".gguf"):
+        # Re-quantized tensor by tensor as it is decoded: never the whole model in float.
+        from .gguf import load_gguf_model
+        model = load_gguf_model(Path(path).expanduser(), device=dev, dtype=resolve_dtype(dtype, dev),
+                                max_seq_len=max_seq_len, quantize=quantize, group_size=group_size)
+    else:
+        model = load_model(path, device=dev, dtype=resolve_dtype(dtype, dev), max_seq_len=max_seq_len)
+    if quantize is not None and not str(path).lower().endswith(".gguf"):
         from .quantize import is_quantized, quantize_model
         if is_quantized(model):
             raise CodeLlamaError(f"{path} is already quantized; load it without quantize=")

@@ -311,35 +311,53 @@ def tensor_from_gguf(f: GGUFFile, name: str, dtype: torch.dtype = torch.float32)
 
 
 def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    max_seq_len: int | None = None):
-    """A ``Transformer`` with the weights of a LLaMA GGUF file, dequantized to ``dtype``."""
+                    max_seq_len: int | None = None, quantize: str | None = None, group_size: int = 32):
+    """A ``Transformer`` with the weights of a LLaMA GGUF file, dequantized to ``dtype``.
+
+    With ``quantize`` ("int8" / "int4") each linear weight is re-quantized as soon as it is decoded, so a
+    Q4_K file becomes an int4 model without ever holding the whole model in float."""
+    from torch import nn
+
     from .model import Transformer
 
     f = read_gguf(path)
     config = config_from_gguf(f)
     if max_seq_len is not None:
         config.max_seq_len = max_seq_len
-    state: dict[str, Tensor] = {}
-    for gname in f.tensors:
-        ours = from_gguf_name(gname)
-        if ours is not None:
-            state[ours] = tensor_from_gguf(f, gname, dtype).to(device)
-    if "output.weight" not in state and "tok_embeddings.weight" in state:
-        # llama.cpp falls back to the embedding when a file has no output matrix (tied weights).
-        state["output.weight"] = state["tok_embeddings.weight"]
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.state_dict())
-    missing = sorted(set(expected) - set(state))
+    present: dict[str, str] = {}
+    for gname in f.tensors:
+        ours = from_gguf_name(gname)
+        if ours is not None:
+            present[ours] = gname
+    if "output.weight" not in present and "tok_embeddings.weight" in present:
+        # llama.cpp falls back to the embedding when a file has no output matrix (tied weights).
+        present["output.weight"] = present["tok_embeddings.weight"]
+    missing = sorted(set(expected) - set(present))
     if missing:
         raise CodeLlamaError(f"{f.path}: GGUF file lacks tensors: {', '.join(to_gguf_name(m) for m in missing[:4])}"
                              + (" ..." if len(missing) > 4 else ""))
-    for name, value in state.items():
-        if tuple(value.shape) != tuple(expected[name].shape):
-            raise CodeLlamaError(f"{f.path}: GGUF tensor {to_gguf_name(name)} has shape {tuple(value.shape)}, "
-                                 f"expected {tuple(expected[name].shape)} from the metadata")
-    model.load_state_dict(state, assign=True)
-    return model.eval()
+    for ours, gname in present.items():  # every shape before any decoding: fail fast on a mismatched file
+        shape = tuple(int(d) for d in reversed(f.tensors[gname].shape.tolist()))
+        if shape != tuple(expected[ours].shape):
+            raise CodeLlamaError(f"{f.path}: GGUF tensor {gname} has shape {shape}, "
+                                 f"expected {tuple(expected[ours].shape)} from the metadata")
+    linears = {name for name, m in model.named_modules() if type(m) is nn.Linear}
+    if quantize is not None:
+        from .quantize import quantize_weight
+    state: dict[str, Tensor] = {}
+    for ours, gname in present.items():
+        module = ours.removesuffix(".weight")
+        if quantize is not None and module in linears:
+            layer = quantize_weight(tensor_from_gguf(f, gname, torch.float32), quantize, group_size, dtype)
+            parent, _, child = module.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+        else:
+            state[ours] = tensor_from_gguf(f, gname, dtype).to(device)
+    model.load_state_dict(state, strict=quantize is None, assign=True)
+    return model.to(device).eval()
 
 
 def tokenizer_proto_from_gguf(f: GGUFFile) -> bytes:

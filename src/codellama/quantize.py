@@ -206,8 +206,12 @@ class Int8Linear(QuantLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        w = linear.weight
-        layer = cls(w.shape[1], w.shape[0], w.dtype, w.device)
+        return cls.from_weight(linear.weight)
+
+    @classmethod
+    def from_weight(cls, w: Tensor, dtype: torch.dtype | None = None) -> "Int8Linear":
+        """``dtype``: the activation dtype (default: ``w``'s)."""
+        layer = cls(w.shape[1], w.shape[0], dtype or w.dtype, w.device)
         layer.weight_int8, scales = quantize_int8(w)
         layer.scales = scales.to(w.device)
         return layer
@@ -249,8 +253,11 @@ class Int4Linear(QuantLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int4Linear":
-        w = linear.weight
-        layer = cls(w.shape[1], w.shape[0], group_size, w.dtype, w.device)
+        return cls.from_weight(linear.weight, group_size)
+
+    @classmethod
+    def from_weight(cls, w: Tensor, group_size: int = 32, dtype: torch.dtype | None = None) -> "Int4Linear":
+        layer = cls(w.shape[1], w.shape[0], group_size, dtype or w.dtype, w.device)
         layer.weight_int4, layer.scales, layer.zeros = quantize_int4(w, group_size)
         return layer
 
@@ -301,12 +308,17 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, output: st
             layer_mode = output if (output and parent_name == "" and child_name == "output") else mode
             if layer_mode == "none":
                 continue
-            if layer_mode == "int4" and child.in_features % group_size == 0:
-                new: QuantLinear = Int4Linear.from_linear(child, group_size)
-            else:
-                new = Int8Linear.from_linear(child)
-            setattr(parent, child_name, new)
+            setattr(parent, child_name, quantize_weight(child.weight, layer_mode, group_size))
     return model
+
+
+def quantize_weight(w: Tensor, mode: str, group_size: int = 32, dtype: torch.dtype | None = None) -> QuantLinear:
+    """A quantized linear layer computing ``x @ w.T`` (``w`` [out, in]) in activation ``dtype``; int4 falls
+    back to int8 where ``group_size`` does not divide the row length."""
+    _check_mode(mode, group_size)
+    if mode == "int4" and w.shape[1] % group_size == 0:
+        return Int4Linear.from_weight(w, group_size, dtype)
+    return Int8Linear.from_weight(w, dtype)
 
 
 def _check_mode(mode: str, group_size: int | None) -> None:
