@@ -1,0 +1,490 @@
+"""Continuous batching: one background thread owns the model and a KV cache of ``max_batch_size`` rows.
+
+Between two decode steps it admits waiting sequences — each newcomer is prefilled alone into a free cache
+row and samples its first token — then advances every active row by one token in a single batched forward.
+Rows have their own lengths, so sequences join and leave at any step; a finished, stopped or cancelled
+sequence frees its row at once (the last active row is moved into the hole, so active rows are always
+``0..n-1`` and the batched step works on views, never on gathered copies of the cache).
+
+Per-sequence logic is the generation engine's (``Request``, ``accept_token``, ``sample``, ``TextStream``
+for exact text deltas and stop strings); a newcomer's prefill is the same ``forward_step`` call a solo run
+makes, so greedy output matches ``CodeLlama.complete/infill/chat`` run alone. Results leave the thread as
+``Event`` objects through each sequence's ``sink`` (a thread-safe callable: the HTTP layer hands in one that
+posts to its asyncio loop)."""
+
+from __future__ import annotations
+
+import collections
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import CodeLlamaError
+from ..formats import chat_tokens, infilling_tokens
+from ..generation import (DEFAULT_PREFILL_CHUNK, Completion, Request, TextStream, _completion, _context, _Job,
+                          _normalise_stop, accept_token, available_memory, decoder_for, forward_step, make_requests)
+from ..model import KVCache, apply_rope, rope_angles
+from ..sampling import sample
+
+# Waiting sequences beyond this many make ``submit`` raise ``QueueFull`` (the server answers 503).
+DEFAULT_MAX_QUEUE = 64
+# A newcomer's prompt tokens prefilled per scheduler iteration before the running rows get their next step;
+# at least one newcomer is admitted per iteration whatever its length.
+DEFAULT_PREFILL_BUDGET = 2048
+MAX_TOP_LOGPROBS = 20
+
+
+class QueueFull(CodeLlamaError):
+    """The wait queue is at capacity: retry later."""
+
+
+class EngineStopped(CodeLlamaError):
+    """The engine has been shut down."""
+
+
+@dataclass
+class Event:
+    """What a sequence produced in one scheduler step. ``text`` is the newly safe text (maybe empty),
+    ``tokens``/``logprobs``/``top`` the ids appended with their log-probabilities and top alternatives
+    (when asked). The last event has ``done`` set with the final ``completion`` (or an ``error``)."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    done: bool = False
+    completion: Completion | None = None
+    stop_kind: str | None = None  # "eos" (a stop token), "word" (a stop string), "length", "cancelled"
+    error: str | None = None
+
+
+@dataclass
+class Sequence:
+    """One generation inside the engine: the job (prompt and how to decode it), its ``Request`` state,
+    its text stream and where to send events. ``cancel()`` is safe from any thread."""
+
+    job: _Job
+    request: Request
+    text: TextStream
+    sink: Callable[[Event], None]
+    echo: bool = False
+    top_logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token's logprob + k alternatives
+    prompt_logprobs: bool = False  # echo + logprobs: score the prompt tokens as well
+    generate: bool = True  # False: max_tokens=0 (score the prompt only)
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)  # echo + logprobs
+    generated_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    cancelled: bool = False
+    _row: int | None = None
+    _next: int = 0  # the last sampled token: fed at the next decode step
+
+    def cancel(self) -> None:
+        self.cancelled = True  # read by the engine thread between steps (a bool write is atomic)
+
+
+class QueueSink:
+    """A sink that a plain thread can iterate: ``for event in sink: ...`` until the final event."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[Event] = queue.SimpleQueue()
+
+    def __call__(self, event: Event) -> None:
+        self._q.put(event)
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self._q.get()
+            yield event
+            if event.done:
+                return
+
+
+@dataclass
+class EngineStats:
+    """Counters the engine keeps for /metrics (read without a lock: single ints/floats)."""
+
+    steps: int = 0
+    prefills: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    errors: int = 0
+    batch_rows_sum: int = 0  # sum over steps of active rows: mean batch = batch_rows_sum / steps
+
+
+class Engine:
+    """The continuous-batching scheduler. ``start()`` launches the thread; ``submit()`` queues sequences."""
+
+    def __init__(self, llama, *, max_batch_size: int = 16, max_queue: int = DEFAULT_MAX_QUEUE,
+                 context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, pack: bool | None = None):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise CodeLlamaError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise CodeLlamaError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        self.llama = llama
+        self.model = llama.model
+        c = self.model.config
+        self.context = min(context or c.max_seq_len, c.max_seq_len)
+        if self.context < 2:
+            raise CodeLlamaError(f"context must be at least 2 tokens, got {self.context}")
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.prefill_budget = prefill_budget
+        self.pack = pack
+        self.stats = EngineStats()
+        self._device = self.model.output.weight.device
+        self._dtype = self.model.output.weight.dtype
+        self._check_memory()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._rows: list[Sequence] = []  # active sequences; self._rows[i] lives in cache row i
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._cache: KVCache | None = None
+        self._lens: Tensor | None = None
+
+    # ---- public, any thread ------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "Engine":
+        if self.running:
+            return self
+        self._stop = False
+        # The cache is allocated once: memory use is flat however many requests come and go.
+        self._cache = KVCache.allocate(self.model.config, self.max_batch_size, self.context, device=self._device,
+                                       dtype=self._dtype)
+        self._lens = torch.zeros(self.max_batch_size, dtype=torch.long, device=self._device)
+        self._thread = threading.Thread(target=self._loop, name="codellama-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread; sequences still queued or running get a final event with an error."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+        for seq in list(self._waiting) + self._rows:
+            self._fail(seq, "the server is shutting down")
+        self._waiting.clear()
+        self._rows = []
+        self._cache = None
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queue sequences (all or none). Raises ``QueueFull`` when they would not fit in the queue."""
+        for seq in sequences:
+            if len(seq.job.prompt) >= self.context:
+                raise CodeLlamaError(f"the prompt is {len(seq.job.prompt)} tokens but the context is "
+                                     f"{self.context} tokens")
+            # Room for the prompt and what is generated (the last token is never fed back).
+            seq.request.max_new_tokens = min(seq.request.max_new_tokens, self.context - len(seq.job.prompt))
+        with self._cv:
+            if self._stop or not self.running:
+                raise EngineStopped("the engine is not running")
+            free = self.max_batch_size - len(self._rows)
+            if len(self._waiting) + len(sequences) > self.max_queue + max(free, 0):
+                raise QueueFull(f"the server is busy ({len(self._rows)} running, {len(self._waiting)} waiting)")
+            now = time.perf_counter()
+            for seq in sequences:
+                seq.submitted = now
+                self._waiting.append(seq)
+            self._cv.notify_all()
+
+    # ---- the engine thread ---------------------------------------------------------------------------
+    def _check_memory(self) -> None:
+        c = self.model.config
+        item = torch.empty((), dtype=self._dtype).element_size()
+        kv = 2 * c.n_layers * self.max_batch_size * c.n_kv_heads * self.context * c.head_dim * item
+        free = available_memory(self._device)
+        if free is not None and kv > free:
+            raise CodeLlamaError(f"the KV cache for {self.max_batch_size} x {self.context} tokens needs "
+                                 f"{kv / 2**30:.2f} GiB but {free / 2**30:.2f} GiB is free; lower "
+                                 "--max-batch-size or --context")
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            c = self.model.config
+            cos, sin = rope_angles(torch.arange(self.context, device=self._device).unsqueeze(0), c.head_dim,
+                                   c.rope_theta)
+            self._rope = (cos[0], sin[0])
+            while True:
+                with self._cv:
+                    while not self._stop and not self._waiting and not self._rows:
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    admitted = self._take_newcomers()
+                try:
+                    dec = decoder_for(self.model, self.pack)
+                    for seq in admitted:
+                        self._prefill(dec, seq)
+                    self._drop_finished()
+                    if self._rows:
+                        self._decode(dec)
+                        self._drop_finished()
+                except Exception as e:  # a bug or out of memory: fail what is running, keep serving
+                    self.stats.errors += 1
+                    for seq in self._rows:
+                        self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
+                    self._rows = []
+
+    def _take_newcomers(self) -> list[Sequence]:
+        # Called with the lock held: pop cancelled waiters, then admit while rows and the budget allow.
+        for seq in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(seq)
+            self._finish(seq, "cancelled")
+        admitted, budget = [], self.prefill_budget
+        while self._waiting and len(self._rows) + len(admitted) < self.max_batch_size:
+            n = len(self._waiting[0].job.prompt)
+            if admitted and n > budget:
+                break
+            admitted.append(self._waiting.popleft())
+            budget -= n
+        return admitted
+
+    def _prefill(self, dec, seq: Sequence) -> None:
+        """Run the prompt through the model into the next free row and sample the first token."""
+        row = len(self._rows)
+        cache = self._cache
+        # A one-row view of the shared cache: the prefill is exactly a solo run's (B=1, no padding).
+        view = KVCache(k=cache.k[:, row:row + 1], v=cache.v[:, row:row + 1], valid=cache.valid[row:row + 1])
+        prompt = torch.tensor([seq.job.prompt], device=self._device)
+        P = prompt.shape[1]
+        positions = torch.arange(P, device=self._device).unsqueeze(0)
+        logits = None
+        if seq.prompt_logprobs:
+            seq.request.prompt_token_logprobs = [0.0]
+            seq.prompt_top = [[]]
+        for start in range(0, P, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, P)
+            logits = forward_step(self.model, dec, prompt[:, start:end], positions[:, start:end], view, self._rope,
+                                  False, last_only=not seq.prompt_logprobs, decode=False)
+            if seq.prompt_logprobs:
+                # logits[:, t] scores the prompt token at start + t + 1.
+                targets = prompt[0, start + 1:end + 1]
+                if len(targets):
+                    lps, tops = self._logprobs(logits[0, :len(targets)], targets.tolist(), seq.top_logprobs or 0)
+                    seq.request.prompt_token_logprobs.extend(lps)
+                    seq.prompt_top.extend(tops)
+                logits = logits[:, -1:]
+        self.stats.prefills += 1
+        self.stats.prompt_tokens += P
+        self._lens[row] = P
+        seq._row = row
+        self._rows.append(seq)
+        if not seq.generate:
+            seq.request.finish("length")
+            return
+        self._sample(seq_rows=[seq], logits=logits[:, -1])
+
+    def _decode(self, dec) -> None:
+        """One token for every active row, in one batched forward with per-row cache positions."""
+        n = len(self._rows)
+        c = self.model.config
+        H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        cache = self._cache
+        pos = self._lens[:n]  # slot (= RoPE position) each row's new token is written to
+        tokens = torch.tensor([s._next for s in self._rows], device=self._device).view(n, 1)
+        keys = int(pos.max()) + 1
+        # Each row sees its own slots up to its new token; later slots belong to nothing yet.
+        mask = (torch.arange(keys, device=self._device).unsqueeze(0) <= pos.unsqueeze(1)).view(n, 1, 1, keys)
+        cos, sin = self._rope[0][pos].unsqueeze(1), self._rope[1][pos].unsqueeze(1)  # [n, 1, hd/2]
+        rows = torch.arange(n, device=self._device)
+        h = self.model.tok_embeddings(tokens)
+        for i, (layer, ops) in enumerate(zip(self.model.layers, dec.layers)):
+            q, k, v = ops.qkv(layer.attention_norm(h))
+            q = apply_rope(q.view(n, 1, H, hd), cos, sin).transpose(1, 2)
+            k = apply_rope(k.view(n, 1, KV, hd), cos, sin)
+            k_cache, v_cache = cache.k[i], cache.v[i]
+            k_cache[rows, :, pos] = k[:, 0]
+            v_cache[rows, :, pos] = v.view(n, KV, hd)
+            out = F.scaled_dot_product_attention(q, k_cache[:n, :, :keys], v_cache[:n, :, :keys], attn_mask=mask,
+                                                 enable_gqa=KV != H)
+            h = h + ops.wo(out.transpose(1, 2).reshape(n, 1, H * hd))
+            h = h + ops.ffn(layer.ffn_norm(h))
+        logits = dec.output(self.model.norm(h)).float()[:, 0]
+        self._lens[:n] += 1
+        self.stats.steps += 1
+        self.stats.batch_rows_sum += n
+        self._sample(self._rows, logits)
+
+    def _sample(self, seq_rows: list[Sequence], logits: Tensor) -> None:
+        chosen = sample(logits, [s.request.sampling for s in seq_rows], [s.request.generator for s in seq_rows])
+        want = [i for i, s in enumerate(seq_rows) if s.top_logprobs is not None]
+        lps: dict[int, tuple[float, list[tuple[int, float]]]] = {}
+        if want:
+            k = max(seq_rows[i].top_logprobs for i in want)
+            got_lp, got_top = self._logprobs(logits[want], [chosen[i] for i in want], k)
+            for j, i in enumerate(want):
+                lps[i] = (got_lp[j], got_top[j][:seq_rows[i].top_logprobs])
+        now = time.perf_counter()
+        for i, (seq, tok) in enumerate(zip(seq_rows, chosen)):
+            if seq.cancelled or seq.request.finished:
+                continue
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            seq._next = tok
+            lp, top = lps.get(i, (None, None))
+            event = Event()
+            if accept_token(seq.request, tok, lp):
+                self.stats.generated_tokens += 1
+                event.tokens.append(tok)
+                if lp is not None:
+                    event.logprobs.append(lp)
+                    event.top.append(top)
+                    seq.generated_top.append(top)
+                event.text = seq.text.push(tok)
+                if seq.text.stopped:
+                    seq.request.finish("stop")
+            if event.text or event.tokens:
+                self._send(seq, event)
+
+    def _logprobs(self, logits: Tensor, chosen: list[int], k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        # Temperature-1, unfiltered log-probabilities, as generation.token_logprobs reports them.
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        picked = logp.gather(-1, torch.as_tensor(chosen, device=logp.device).view(-1, 1)).view(-1).tolist()
+        if k <= 0:
+            return picked, [[] for _ in chosen]
+        values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        return picked, tops
+
+    def _drop_finished(self) -> None:
+        """Free the rows of finished or cancelled sequences, moving the last active row into each hole."""
+        r = 0
+        while r < len(self._rows):
+            seq = self._rows[r]
+            if not (seq.cancelled or seq.request.finished):
+                r += 1
+                continue
+            last = len(self._rows) - 1
+            if r != last:
+                n = int(self._lens[last])
+                cache = self._cache
+                cache.k[:, r, :, :n] = cache.k[:, last, :, :n]
+                cache.v[:, r, :, :n] = cache.v[:, last, :, :n]
+                self._lens[r] = self._lens[last]
+                self._rows[r] = self._rows[last]
+                self._rows[r]._row = r
+            self._rows.pop()
+            seq._row = None
+            self._finish(seq, "cancelled" if seq.cancelled and not seq.request.finished else None)
+
+    def _finish(self, seq: Sequence, reason: str | None) -> None:
+        if reason == "cancelled":
+            seq.request.finish("cancelled")
+            self.stats.cancelled += 1
+            kind = "cancelled"
+        else:
+            r = seq.request
+            kind = "word" if seq.text.stopped else ("eos" if r.finish_reason == "stop" else "length")
+        tail = seq.text.flush() if kind != "cancelled" else ""
+        seq.finished_at = time.perf_counter()
+        self.stats.finished += 1
+        self._send(seq, Event(text=tail, done=True, completion=_completion(seq.job, seq.request, seq.text, seq.echo),
+                              stop_kind=kind))
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        seq.request.finish("error")
+        seq.finished_at = time.perf_counter()
+        self._send(seq, Event(done=True, error=message, stop_kind="error"))
+
+    def _send(self, seq: Sequence, event: Event) -> None:
+        try:
+            seq.sink(event)
+        except Exception:  # the receiver is gone (e.g. its event loop closed): stop generating for it
+            seq.cancelled = True
+
+
+# ---- building sequences -----------------------------------------------------------------------------
+def token_text(tokenizer, token: int) -> str:
+    """How a token reads in logprobs output: its piece with ``▁`` as a space; byte pieces as the character
+    (ASCII) or ``bytes:\\xNN`` (part of a multi-byte character), as OpenAI reports partial bytes."""
+    piece = tokenizer.id_to_piece(token)
+    m = _BYTE_PIECE.fullmatch(piece)
+    if m:
+        b = int(m.group(1), 16)
+        return chr(b) if b < 128 else f"bytes:\\x{b:02x}"
+    return piece.replace("\u2581", " ")
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def build_job(llama, kind: str, *, prompt: str = "", suffix: str = "", messages=None, suffix_first: bool = False,
+              echo: bool = False) -> _Job:
+    """The prompt ids and text handling of one task, exactly as ``CodeLlama.complete/infill/chat`` build
+    them (so a served greedy result equals the library's). Raises ``CodeLlamaError`` for bad input."""
+    tok = llama.tokenizer
+    if kind == "complete":
+        ids = tok.encode(prompt, bos=True)
+        return _Job(prompt=ids, decode=tok.decode, context=_context(ids), echo_text=prompt)
+    if kind == "infill":
+        ids = infilling_tokens(tok, prompt, suffix, suffix_first=suffix_first, model_name=llama.name)
+        return _Job(prompt=ids, decode=tok.decode_infilling, context=[], echo_text=prompt, echo_suffix=suffix)
+    if kind == "chat":
+        ids = chat_tokens(tok, messages)
+        return _Job(prompt=ids, decode=tok.decode, context=_context(ids) if echo else [],
+                    echo_text=tok.decode(ids) if echo else "")
+    raise ValueError(f"unknown task {kind!r}")
+
+
+def truncated_infill_job(llama, prefix: str, suffix: str, budget: int) -> tuple[_Job, bool]:
+    """A PSM infilling job whose prompt fits in ``budget`` tokens: when the whole prefix and suffix do not,
+    keep the end of the prefix and the start of the suffix (3:1, as editors' servers do). Returns the job
+    and whether anything was cut."""
+    job = build_job(llama, "infill", prompt=prefix, suffix=suffix)
+    if len(job.prompt) <= budget:
+        return job, False
+    tok = llama.tokenizer
+    pre, suf = tok.encode(prefix), tok.encode_infilling(suffix)
+    room = budget - 4  # bos, PRE, SUF, MID
+    if room < 2:
+        raise CodeLlamaError(f"no room for the prompt: the context leaves {budget} tokens")
+    keep_suf = min(len(suf), room // 4)
+    keep_pre = min(len(pre), room - keep_suf)
+    keep_suf = min(len(suf), room - keep_pre)
+    ids = ([tok.bos_id, tok.prefix_id] + pre[len(pre) - keep_pre:] + [tok.suffix_id] + suf[:keep_suf]
+           + [tok.middle_id])
+    return _Job(prompt=ids, decode=tok.decode_infilling, context=[], echo_text=prefix, echo_suffix=suffix), True
+
+
+def make_sequences(llama, job: _Job, *, n: int = 1, max_tokens: int = 16, temperature: float = 0.0,
+                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,
+                   logprobs: int | None = None, echo: bool = False,
+                   sink: Callable[[int, Event], None]) -> list[Sequence]:
+    """``n`` sequences for one job (choice ``i`` samples with ``seed + i``, as a batch does in the library).
+    ``max_tokens=0`` scores the prompt only (with ``echo`` and ``logprobs``)."""
+    stops = _normalise_stop(stop)
+    requests = make_requests(llama.model, [job.prompt] * n, max_new_tokens=max(1, max_tokens),
+                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                             stop_ids=llama.tokenizer.stop_ids, logprobs=logprobs is not None,
+                             prompt_logprobs=echo and logprobs is not None)
+    return [Sequence(job=job, request=r, text=TextStream(job.decode, job.context, stops),
+                     sink=lambda event, i=i: sink(i, event), echo=echo, top_logprobs=logprobs,
+                     prompt_logprobs=echo and logprobs is not None, generate=max_tokens > 0)
+            for i, r in enumerate(requests)]
