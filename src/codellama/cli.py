@@ -349,6 +349,55 @@ def cmd_train(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+# ---- serve -----------------------------------------------------------------------------------------
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP server: OpenAI /v1/completions, /v1/chat/completions, llama.cpp /infill")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the checkpoint's")
+    p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the checkpoint's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (0 picks a free one; default 8080)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; beyond, 503")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per sequence (prompt + completion; default: the model's max_seq_len)")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on max_tokens / n_predict (default: context)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="request body limit (default 4 MiB)")
+    p.add_argument("--api-key", default=os.environ.get("CODELLAMA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $CODELLAMA_API_KEY; none: open)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="raise the model's context length")
+    p.add_argument("--quantize", default=None, choices=("int8", "int4"), help="quantize linear weights on load")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> None:
+    for name in ("max_batch_size", "context", "max_tokens", "max_body_bytes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CodeLlamaError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.max_queue < 0 or not 0 <= args.port <= 65535:
+        raise CodeLlamaError("--max-queue must be >= 0 and --port in [0, 65535]")
+    from .serving.app import ServerConfig, create_app, serve
+    from .serving.scheduler import Engine
+
+    llama = _load_for_generation(args)
+    engine = Engine(llama, max_batch_size=args.max_batch_size, max_queue=args.max_queue, context=args.context)
+    config = ServerConfig(model_name=args.name or llama.name or "codellama", api_key=args.api_key or None,
+                          max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+
+    def ready(url: str) -> None:
+        print(f"serving {config.model_name} on {url} (batch {engine.max_batch_size}, context {engine.context})",
+              file=sys.stderr, flush=True)
+    serve(create_app(llama, engine=engine, config=config), args.host, args.port, log_level=args.log_level,
+          on_ready=ready)
+
+
 # ---- eval ------------------------------------------------------------------------------------------
 def _add_eval(sub) -> None:
     from .evaluation.command import add_parser  # the subcommands and their cmd functions live there
@@ -359,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="codellama", description="Code Llama: run, infill, chat, serve, train, evaluate.")
     parser.add_argument("--version", action="version", version="codellama " + __import__("codellama").__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for add in (_add_info, _add_convert, _add_quantize, _add_complete, _add_infill, _add_chat, _add_train, _add_eval):
+    for add in (_add_info, _add_convert, _add_quantize, _add_complete, _add_infill, _add_chat, _add_serve, _add_train,
+                _add_eval):
         add(sub)
     return parser
 
