@@ -127,7 +127,7 @@ class Engine:
 
     def __init__(self, llama, *, max_batch_size: int = 16, max_queue: int = DEFAULT_MAX_QUEUE,
                  context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, pack: bool | None = None):
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, pack: bool | None = None, threads: int | None = None):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise CodeLlamaError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         if not isinstance(max_queue, int) or max_queue < 0:
@@ -143,12 +143,14 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget
         self.pack = pack
+        self.threads = threads  # torch intra-op threads for the engine thread (None: torch's default)
         self.stats = EngineStats()
         self._device = self.model.output.weight.device
         self._dtype = self.model.output.weight.dtype
         self._check_memory()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._rows: list[Sequence] = []  # active sequences; self._rows[i] lives in cache row i
+        self._admitting = 0  # taken from the queue, not yet in a row (still counts against free rows)
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -205,7 +207,7 @@ class Engine:
         with self._cv:
             if self._stop or not self.running:
                 raise EngineStopped("the engine is not running")
-            free = self.max_batch_size - len(self._rows)
+            free = self.max_batch_size - len(self._rows) - self._admitting
             if len(self._waiting) + len(sequences) > self.max_queue + max(free, 0):
                 raise QueueFull(f"the server is busy ({len(self._rows)} running, {len(self._waiting)} waiting)")
             now = time.perf_counter()
@@ -226,6 +228,8 @@ class Engine:
                                  "--max-batch-size or --context")
 
     def _loop(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             c = self.model.config
             cos, sin = rope_angles(torch.arange(self.context, device=self._device).unsqueeze(0), c.head_dim,
@@ -241,7 +245,11 @@ class Engine:
                 try:
                     dec = decoder_for(self.model, self.pack)
                     for seq in admitted:
-                        self._prefill(dec, seq)
+                        try:
+                            self._prefill(dec, seq)
+                        finally:
+                            with self._cv:
+                                self._admitting -= 1
                     self._drop_finished()
                     if self._rows:
                         self._decode(dec)
@@ -264,6 +272,7 @@ class Engine:
                 break
             admitted.append(self._waiting.popleft())
             budget -= n
+        self._admitting = len(admitted)
         return admitted
 
     def _prefill(self, dec, seq: Sequence) -> None:

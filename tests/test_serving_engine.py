@@ -1,0 +1,161 @@
+"""The continuous-batching engine on its own: results equal solo runs while sequences join and leave the
+batch, cancellation frees rows, the bounded queue refuses work, prompt scoring (max_tokens=0)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from codellama.api import CodeLlama
+from codellama.config import ModelConfig
+from codellama.errors import CodeLlamaError
+from codellama.model import Transformer
+from codellama.serving.scheduler import Engine, QueueFull, QueueSink, build_job, make_sequences
+from codellama.tokenizer import Tokenizer
+
+PROMPTS = ["def foo(x):", "import os\n", "class A:\n    def", "x = [1, 2,", "for i in range(",
+           "# hello world", "while True:\n    ", "print("]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_tokenizer_path) -> CodeLlama:
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                         ffn_dim_multiplier=1.3, rope_theta=1_000_000.0, max_seq_len=128)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.init_weights(std=0.3)  # peaked distributions: no near-ties for greedy to flip on
+    return CodeLlama(model, Tokenizer(tiny_tokenizer_path), name="tiny")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(engine: Engine, llama, prompt: str, **kwargs) -> list:
+    sink = QueueSink()
+    engine.submit(make_sequences(llama, build_job(llama, "complete", prompt=prompt), sink=lambda i, e: sink(e),
+                                 **kwargs))
+    return sink
+
+
+def test_concurrent_sequences_equal_solo_runs_while_joining_and_leaving(llama):
+    # Three rows for eight sequences of different lengths: rows are reused and compacted many times.
+    lengths = [5, 40, 17, 33, 9, 60, 24, 12]
+    solo = [llama.complete(p, max_new_tokens=n) for p, n in zip(PROMPTS, lengths)]
+    sampled_solo = llama.complete(PROMPTS[0], max_new_tokens=30, temperature=0.9, top_p=0.9, seed=7)
+    engine = Engine(llama, max_batch_size=3, threads=1).start()
+    try:
+        sinks = [_run(engine, llama, p, max_tokens=n) for p, n in zip(PROMPTS, lengths)]
+        sampled = _run(engine, llama, PROMPTS[0], max_tokens=30, temperature=0.9, top_p=0.9, seed=7)
+        for sink, want in zip(sinks + [sampled], solo + [sampled_solo]):
+            events = list(sink)
+            final = events[-1].completion
+            assert final.text == want.text and final.tokens == want.tokens
+            assert "".join(e.text for e in events) == want.text  # streamed deltas add up to the text
+            assert final.finish_reason == want.finish_reason
+        assert engine.stats.batch_rows_sum > 2 * engine.stats.steps  # mostly 3 rows per step
+        assert engine.active == 0 and engine.queue_depth == 0
+    finally:
+        engine.stop()
+
+
+def test_stop_strings_and_logprobs_match_the_library(llama):
+    want = llama.complete(PROMPTS[1], max_new_tokens=40, stop=["e"], logprobs=True)
+    engine = Engine(llama, max_batch_size=2, threads=1).start()
+    try:
+        events = list(_run(engine, llama, PROMPTS[1], max_tokens=40, stop=["e"], logprobs=2))
+    finally:
+        engine.stop()
+    final = events[-1]
+    assert final.completion.text == want.text and final.completion.finish_reason == "stop"
+    assert final.stop_kind == "word"
+    got = [lp for e in events for lp in e.logprobs]
+    assert got == pytest.approx(want.logprobs, abs=1e-5)
+    # The top-2 alternatives are sorted and the greedy choice is the first of them.
+    tops = [t for e in events for t in e.top]
+    assert all(len(t) == 2 and t[0][1] >= t[1][1] for t in tops)
+    assert [t[0][0] for t in tops] == [tok for e in events for tok in e.tokens]
+
+
+def test_cancel_frees_the_row_and_the_next_sequence_is_unaffected(llama):
+    engine = Engine(llama, max_batch_size=1, threads=1).start()
+    try:
+        seen, sink = [], QueueSink()
+
+        def cancelling(i, event):
+            seen.append(event)
+            if len(seen) == 3:
+                seqs[0].cancel()  # from the engine thread, mid-generation
+            sink(event)
+        seqs = make_sequences(llama, build_job(llama, "complete", prompt=PROMPTS[2]), max_tokens=100, sink=cancelling)
+        engine.submit(seqs)
+        events = list(sink)
+        assert events[-1].stop_kind == "cancelled" and len(seqs[0].request.tokens) <= 4
+        assert engine.active == 0 and engine.stats.cancelled == 1
+        after = list(_run(engine, llama, PROMPTS[3], max_tokens=20))[-1].completion
+        assert after.text == llama.complete(PROMPTS[3], max_new_tokens=20).text
+    finally:
+        engine.stop()
+
+
+def test_full_queue_refuses_and_a_cancelled_waiter_never_runs(llama):
+    engine = Engine(llama, max_batch_size=1, max_queue=2, threads=1).start()
+    release = threading.Event()
+    try:
+        blocked = QueueSink()
+
+        entered = threading.Event()
+
+        def hold(i, event):  # blocks the engine thread inside its first step
+            entered.set()
+            release.wait(10)
+            blocked(event)
+        engine.submit(make_sequences(llama, build_job(llama, "complete", prompt=PROMPTS[0]), max_tokens=5, sink=hold))
+        assert entered.wait(10)  # the first sequence holds the only row
+        waiting = _run(engine, llama, PROMPTS[1], max_tokens=5)
+        given_up = QueueSink()
+        [gone] = make_sequences(llama, build_job(llama, "complete", prompt=PROMPTS[2]), max_tokens=5,
+                                sink=lambda i, e: given_up(e))
+        engine.submit([gone])
+        with pytest.raises(QueueFull, match="busy"):
+            _run(engine, llama, PROMPTS[3], max_tokens=5)
+        assert engine.queue_depth == 2
+        gone.cancel()
+        release.set()
+        assert list(blocked)[-1].completion.text == llama.complete(PROMPTS[0], max_new_tokens=5).text
+        assert list(waiting)[-1].completion.text == llama.complete(PROMPTS[1], max_new_tokens=5).text
+        assert list(given_up)[-1].stop_kind == "cancelled" and gone.request.tokens == []
+        assert engine.stats.prefills == 2 and engine.queue_depth == 0
+    finally:
+        release.set()
+        engine.stop()
+
+
+def test_prompt_scoring_and_context_limits(llama):
+    want = llama.complete(PROMPTS[4], max_new_tokens=1, logprobs=True, echo=True)
+    engine = Engine(llama, max_batch_size=2, context=64, threads=1).start()
+    try:
+        sink = QueueSink()
+        job = build_job(llama, "complete", prompt=PROMPTS[4], echo=True)
+        [seq] = make_sequences(llama, job, max_tokens=0, logprobs=0, echo=True, sink=lambda i, e: sink(e))
+        engine.submit([seq])
+        final = list(sink)[-1]
+        assert final.completion.tokens == job.prompt and final.completion.finish_reason == "length"
+        assert seq.request.prompt_token_logprobs == pytest.approx(want.logprobs[:len(job.prompt)], abs=1e-5)
+        with pytest.raises(CodeLlamaError, match="context is 64 tokens"):
+            _run(engine, llama, "x " * 80, max_tokens=1)
+        # Near the end of the context the budget shrinks to what is left (finish_reason "length").
+        long = "a b " * 25
+        n = len(llama.tokenizer.encode(long, bos=True))
+        final = list(_run(engine, llama, long, max_tokens=100))[-1].completion
+        assert len(final.tokens) == 64 - n and final.finish_reason == "length"
+    finally:
+        engine.stop()
+    with pytest.raises(CodeLlamaError, match="max_batch_size"):
+        Engine(llama, max_batch_size=0)
