@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from codellama.config import ModelConfig
-from codellama.generation import can_pack, generate
+from codellama.generation import generate, packed_now
 from codellama.model import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,10 +123,9 @@ def bench_dtype(args, config: ModelConfig, dtype_name: str) -> list[dict]:
             rows.append({"dtype": dtype_name, "impl": name, "phase": "decode", "batch": batch,
                          "tokens": batch * (args.new_tokens - 1), "seconds": dt,
                          "tok_per_s": batch * (args.new_tokens - 1) / dt, "greedy_matches_hf": match})
-    if args.device == "cpu":
-        for r in rows:
-            if r["impl"] == "ours":
-                r["packed"] = can_pack(ours) and pack is not False
+    for r in rows:
+        if r["impl"] == "ours":
+            r["packed"] = packed_now(ours)
     return rows
 
 
@@ -134,7 +133,7 @@ def long_context(args) -> dict:
     """Run the 32k prefill in a fresh process so its peak RSS is its own."""
     cmd = [sys.executable, __file__, "--_long", str(args.long_context), "--dim", str(args.dim),
            "--layers", str(args.layers), "--heads", str(args.heads), "--vocab", str(args.vocab),
-           "--threads", str(args.threads), "--prefill-chunk", str(args.prefill_chunk)]
+           "--threads", str(args.threads), "--prefill-chunk", str(args.prefill_chunk), "--pack", args.pack]
     if args.kv_heads:
         cmd += ["--kv-heads", str(args.kv_heads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -154,11 +153,13 @@ def _long_child(args) -> None:
     prompt = torch.randint(3, config.vocab_size, (n,)).tolist()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
-    generate(model, [prompt], max_new_tokens=2, prefill_chunk=args.prefill_chunk)
+    pack = {"auto": None, "on": True, "off": False}[args.pack]
+    generate(model, [prompt], max_new_tokens=2, prefill_chunk=args.prefill_chunk, pack=pack)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kv = config.kv_cache_bytes(n + 1, 1, torch.float32)
-    print(json.dumps({"prompt_tokens": n, "prefill_chunk": args.prefill_chunk, "seconds": seconds,
+    print(json.dumps({"prompt_tokens": n, "prefill_chunk": args.prefill_chunk, "packed": packed_now(model),
+                      "seconds": seconds,
                       "prefill_tok_per_s": n / seconds, "peak_rss_bytes": peak,
                       "rss_before_generate_bytes": before, "weights_bytes": weights, "kv_cache_bytes": kv,
                       "budget_bytes": weights + kv + 2**30, "within_budget": peak < weights + kv + 2**30}))

@@ -111,3 +111,42 @@ def test_error_paths(checkpoints, tmp_path, case):
     else:
         (tmp_path / "g.py").write_text("no marker here")
         _error(_cli("infill", "--file", str(tmp_path / "g.py"), "--model", str(fim)), "<FILL_ME>")
+
+
+def test_chat_repl_keeps_history(checkpoints, monkeypatch, capsys):
+    """On a terminal without a message: a session; each turn sees the earlier exchanges."""
+    import builtins
+    import io
+
+    from codellama import cli
+    from codellama.api import CodeLlama
+
+    fim, _ = checkpoints
+    lines = iter(["hello", "", "[INST] bad", "and again", "/reset", "fresh"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    class TTY(io.StringIO):
+        def isatty(self):
+            return True
+
+    seen = []
+    real_chat = CodeLlama.chat
+
+    def spy(self, messages, **kw):
+        seen.append([m["content"] for m in messages])
+        return real_chat(self, messages, **kw)
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    monkeypatch.setattr("sys.stdin", TTY())
+    monkeypatch.setattr(CodeLlama, "chat", spy)
+    assert cli.main(["chat", "--model", str(fim), "--max-new-tokens", "4"]) == 0
+    reply = load(fim).chat([{"role": "user", "content": "hello"}], max_new_tokens=4).text
+    # the refused message is reported and leaves the history as it was; /reset empties it
+    assert seen == [["hello"], ["hello", reply, "[INST] bad"], ["hello", reply, "and again"], ["fresh"]]
+    out = capsys.readouterr()
+    assert reply in out.out and "special tag" in out.err

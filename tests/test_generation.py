@@ -337,7 +337,7 @@ def test_forward_step_is_model_forward_bit_for_bit(sharp_model):
 
 
 def test_packed_weights_agree_and_follow_weight_updates(sharp_model):
-    from codellama.generation import can_pack, decoder_for
+    from codellama.generation import can_pack, decoder_for, will_pack
 
     if not can_pack(sharp_model):
         pytest.skip("oneDNN weight packing is not available here")
@@ -346,8 +346,11 @@ def test_packed_weights_agree_and_follow_weight_updates(sharp_model):
     prompt = [1, 17, 300, 42, 9, 250]
     packed = generate(sharp_model, [prompt], max_new_tokens=16, pack=True)[0].tokens
     assert packed == generate(sharp_model, [prompt], max_new_tokens=16, pack=False)[0].tokens
+    # auto: pack unless the request's KV cache outweighs the weights; a packed copy, once made, is used
+    decoder_for(sharp_model, False)
+    assert will_pack(sharp_model, None, kv_cache_bytes=0) and not will_pack(sharp_model, None, 10**9)
     d1 = decoder_for(sharp_model, True)
-    assert decoder_for(sharp_model, True) is d1 and d1.packed
+    assert decoder_for(sharp_model, True) is d1 and d1.packed and will_pack(sharp_model, None, 10**9)
     with torch.no_grad():
         sharp_model.layers[0].feed_forward.w2.weight.mul_(3.0)  # a training step, say: the packed copy is stale
     assert decoder_for(sharp_model, True) is not d1

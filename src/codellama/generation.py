@@ -130,17 +130,18 @@ def request_memory(model: Transformer, batch: int, prompt_len: int, cache_len: i
     kv = 2 * c.n_layers * batch * c.n_kv_heads * cache_len * c.head_dim * item
     t = max(1, min(prefill_chunk, prompt_len))
     # One layer's live tensors for a chunk: residual, normed input, q/k/v (+ float32 RoPE copies),
-    # the SwiGLU hidden pair; plus the chunk's bool masks [B, T, S] and one block's float32 copy of its
-    # mask inside SDPA (see ATTENTION_MASK_ENTRIES), and the last-position logits.
+    # the SwiGLU hidden pair; plus one attention block's bool mask and SDPA's float32 copy of it
+    # (see ATTENTION_MASK_ENTRIES), and the last-position logits.
     hidden = batch * t * (6 * c.dim + 3 * c.ffn_hidden) * 4
-    mask = batch * t * cache_len + 4 * min(batch * t * cache_len, ATTENTION_MASK_ENTRIES + batch * cache_len)
+    mask = 5 * min(batch * t * cache_len, ATTENTION_MASK_ENTRIES + batch * cache_len)
     logits = batch * c.vocab_size * 4 * 2
     return {"kv_cache": kv, "activations": hidden + mask + logits}
 
 
 def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  prefill_chunk: int, pack: bool | None = None) -> list[int]:
-    """Validate prompts against the model's context and free memory; returns each prompt's token budget.
+                  prefill_chunk: int, pack: bool | None = None) -> tuple[list[int], bool]:
+    """Validate prompts against the model's context and free memory; returns each prompt's token budget
+    and whether to use packed weights (``will_pack``).
 
     A prompt must leave room for one new token inside ``max_seq_len``; ``max_new_tokens`` is then capped to
     what is left of the context (finish_reason "length"), as Meta's reference does."""
@@ -164,6 +165,7 @@ def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
     cache_len = longest + max(budgets) - 1  # the last sampled token is never fed back
     need = request_memory(model, len(prompts), longest, cache_len, prefill_chunk)
     free = available_memory(model.output.weight.device)
+    pack = will_pack(model, pack, need["kv_cache"])
     total = need["kv_cache"] + need["activations"] + pack_bytes(model, pack)
     if free is not None and total + MEMORY_HEADROOM > free:
         gib = 2**30
@@ -171,7 +173,7 @@ def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
             f"request needs about {total / gib:.2f} GiB (KV cache {need['kv_cache'] / gib:.2f} GiB for "
             f"{len(prompts)} x {cache_len} tokens) but only {free / gib:.2f} GiB is free on "
             f"{model.output.weight.device}; use a shorter prompt, fewer new tokens or a smaller batch")
-    return budgets
+    return budgets, pack
 
 
 # ==== the engine ====================================================================================
@@ -184,11 +186,11 @@ def run(model: Transformer, requests: list[Request], *, prefill_chunk: int = DEF
     the padding, so each row's result equals running it alone. The KV cache holds exactly
     ``longest prompt + max_new_tokens - 1`` slots per row. Checks (context, memory) run before the first
     ``next()`` returns anything and before allocating. Requests finished by the caller between steps stop
-    producing tokens. ``pack`` chooses oneDNN-packed weights for the decode steps (see ``decoder_for``)."""
+    producing tokens. ``pack`` chooses oneDNN-packed weights on CPU (see ``will_pack``)."""
     for r in requests:
         validate_sampling(max_new_tokens=r.max_new_tokens)
-    budgets = check_request(model, [r.prompt for r in requests], max(r.max_new_tokens for r in requests),
-                            prefill_chunk, pack)
+    budgets, pack = check_request(model, [r.prompt for r in requests],
+                                  max(r.max_new_tokens for r in requests), prefill_chunk, pack)
     for r, b in zip(requests, budgets):
         r.max_new_tokens = min(r.max_new_tokens, b)
     return _run(model, requests, prefill_chunk, pack)
@@ -196,7 +198,7 @@ def run(model: Transformer, requests: list[Request], *, prefill_chunk: int = DEF
 
 @torch.inference_mode()
 def _run(model: Transformer, requests: list[Request], prefill_chunk: int,
-         pack: bool | None) -> Iterator[list[tuple[int, int]]]:
+         pack: bool) -> Iterator[list[tuple[int, int]]]:
     device, dtype = model.output.weight.device, model.output.weight.dtype
     B = len(requests)
     P = max(len(r.prompt) for r in requests)
@@ -359,11 +361,16 @@ def _cached_decoder(model: Transformer, pack: bool) -> Decoder | None:
     return None
 
 
-def will_pack(model: Transformer, pack: bool | None = None) -> bool:
-    """Whether generation uses packed weights: ``pack=None`` packs on CPU when the model's weights are at
-    most ``PACK_LIMIT_BYTES`` (the packed copy doubles them), True packs whenever possible, False never."""
+def will_pack(model: Transformer, pack: bool | None = None, kv_cache_bytes: int = 0) -> bool:
+    """Whether generation uses packed weights. True packs whenever possible, False never; None (auto) uses
+    a packed copy already made, and otherwise packs on CPU when the weights are at most
+    ``PACK_LIMIT_BYTES`` and outweigh the request's KV cache: once the cache is the bigger read per step
+    (long contexts), faster products gain little and the copy's memory is better left to the cache."""
     if pack is None:
-        pack = _weight_bytes(model) <= PACK_LIMIT_BYTES
+        if packed_now(model):
+            return True
+        weights = _weight_bytes(model)
+        pack = weights <= PACK_LIMIT_BYTES and kv_cache_bytes <= weights
     return bool(pack) and can_pack(model)
 
 
@@ -371,17 +378,21 @@ def _weight_bytes(model: Transformer) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def pack_bytes(model: Transformer, pack: bool | None = None) -> int:
+def packed_now(model: Transformer) -> bool:
+    """Whether an up-to-date packed copy of the model's weights exists."""
+    return _cached_decoder(model, True) is not None
+
+
+def pack_bytes(model: Transformer, pack: bool) -> int:
     """Bytes a packed copy would add now (0 if not packing or already packed)."""
-    pack = will_pack(model, pack)
     if not pack or _cached_decoder(model, pack) is not None:
         return 0
     return _weight_bytes(model) - model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
 
 
 def decoder_for(model: Transformer, pack: bool | None = None) -> Decoder:
-    """The generation forward's per-model state (see ``will_pack``), cached on the model and rebuilt when its
-    weights change."""
+    """The generation forward's per-model state (see ``will_pack``), cached beside the model and rebuilt
+    when its weights change."""
     pack = will_pack(model, pack)
     cached = _cached_decoder(model, pack)
     if cached is not None:
@@ -409,6 +420,19 @@ class _AttentionBlock:
     keys: int  # attend to cache slots [0, keys)
     mask: Tensor | None
     causal: bool = False
+    lazy: bool = False  # build the mask when it is used (many blocks: keep one block's mask alive at a time)
+
+
+def _block_mask(cache: KVCache, rows: slice, keys: int, padded: bool) -> Tensor:
+    """Bool mask of the chunk's query rows ``rows`` (slots cache.length + row) over cache slots [0, keys)."""
+    slots = torch.arange(keys, device=cache.valid.device)
+    query_slots = slots[cache.length + rows.start:cache.length + rows.stop].unsqueeze(1)
+    mask = slots.unsqueeze(0) <= query_slots  # [rows, keys] causal
+    if padded:
+        # A padding query may see itself, so no row is fully masked (that would put NaNs in the cache).
+        mask = mask & (cache.valid[:, :keys].unsqueeze(1) | (slots.unsqueeze(0) == query_slots))
+        mask = mask.unsqueeze(1)  # [B, 1, rows, keys]
+    return mask
 
 
 def _attention_blocks(cache: KVCache, B: int, T: int, padded: bool, decode: bool) -> list[_AttentionBlock]:
@@ -419,19 +443,11 @@ def _attention_blocks(cache: KVCache, B: int, T: int, padded: bool, decode: bool
     if not padded and start == 0:
         return [_AttentionBlock(slice(0, T), end, None, causal=True)]
     rows = max(1, min(T, ATTENTION_MASK_ENTRIES // (B * end)))
-    blocks = []
-    for lo in range(0, T, rows):
-        hi = min(lo + rows, T)
-        keys = start + hi  # later slots are in the future of every query in the block
-        slots = torch.arange(keys, device=cache.valid.device)
-        query_slots = slots[start + lo:].unsqueeze(1)
-        mask = slots.unsqueeze(0) <= query_slots  # [rows, keys] causal
-        if padded:
-            # A padding query may see itself, so no row is fully masked (that would put NaNs in the cache).
-            mask = mask & (cache.valid[:, :keys].unsqueeze(1) | (slots.unsqueeze(0) == query_slots))
-            mask = mask.unsqueeze(1)  # [B, 1, rows, keys]
-        blocks.append(_AttentionBlock(slice(lo, hi), keys, mask))
-    return blocks
+    if rows == T:
+        return [_AttentionBlock(slice(0, T), end, _block_mask(cache, slice(0, T), end, padded))]
+    # Later slots are in the future of every query in a block, so each block sees keys up to its last query.
+    return [_AttentionBlock(slice(lo, min(lo + rows, T)), start + min(lo + rows, T), None, lazy=True)
+            for lo in range(0, T, rows)]
 
 
 def forward_step(model: Transformer, dec: Decoder, tokens: Tensor, positions: Tensor, cache: KVCache,
@@ -456,9 +472,10 @@ def forward_step(model: Transformer, dec: Decoder, tokens: Tensor, positions: Te
         k_cache, v_cache = cache.k[i], cache.v[i]
         k_cache[:, :, start:end] = k
         v_cache[:, :, start:end] = v.view(B, T, KV, hd).transpose(1, 2)
-        outs = [F.scaled_dot_product_attention(q[:, :, b.rows], k_cache[:, :, :b.keys], v_cache[:, :, :b.keys],
-                                               attn_mask=b.mask, is_causal=b.causal, enable_gqa=KV != H)
-                for b in blocks]
+        outs = [F.scaled_dot_product_attention(
+            q[:, :, b.rows], k_cache[:, :, :b.keys], v_cache[:, :, :b.keys], is_causal=b.causal,
+            attn_mask=_block_mask(cache, b.rows, b.keys, padded) if b.lazy else b.mask, enable_gqa=KV != H)
+            for b in blocks]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         h = h + ops.wo(out.transpose(1, 2).reshape(B, T, H * hd))
         h = h + ops.ffn(layer.ffn_norm(h))
