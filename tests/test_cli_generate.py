@@ -141,11 +141,11 @@ def test_chat_repl_keeps_history(checkpoints, monkeypatch, capsys):
         seen.append([m["content"] for m in messages])
         return real_chat(self, messages, **kw)
 
+    reply = load(fim).chat([{"role": "user", "content": "hello"}], max_new_tokens=4).text
     monkeypatch.setattr(builtins, "input", fake_input)
     monkeypatch.setattr("sys.stdin", TTY())
     monkeypatch.setattr(CodeLlama, "chat", spy)
     assert cli.main(["chat", "--model", str(fim), "--max-new-tokens", "4"]) == 0
-    reply = load(fim).chat([{"role": "user", "content": "hello"}], max_new_tokens=4).text
     # the refused message is reported and leaves the history as it was; /reset empties it
     assert seen == [["hello"], ["hello", reply, "[INST] bad"], ["hello", reply, "and again"], ["fresh"]]
     out = capsys.readouterr()
