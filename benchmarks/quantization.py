@@ -6,8 +6,9 @@ held-out code for float32, bfloat16, int8 and int4 (groups 32/64/128), through o
     python benchmarks/quantization.py --model src/codellama/assets/default   # the embedded model
     python benchmarks/quantization.py --variants fp32,int8,int4-g32 --out quant.json
 
-Every variant runs in its own subprocess (same seed, same weights, same thread count), so peak RSS is that
-variant's alone. Prefill tok/s = prompt_len / time(generate 1 token). Decode tok/s = (N - 1) /
+The float32 checkpoint and each quantized one are written first (``--workdir``); every variant then loads
+its checkpoint in its own subprocess (same weights, same thread count), so peak RSS is what a user loading
+that checkpoint sees. Prefill tok/s = prompt_len / time(generate 1 token). Decode tok/s = (N - 1) /
 (time(generate N) - time(generate 1)): prefill and the first sample are not counted. Best of ``--repeats``.
 Perplexity: the longest held-out standard-library modules (``evaluation.long_context``; unseen by the embedded
 model), first ``--ppl-tokens`` tokens of each, needs a tokenizer (the checkpoint's, or ``--tokenizer``; the
@@ -55,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ppl-tokens", type=int, default=1024)
     p.add_argument("--profile", action="store_true", help="also profile 16 decode steps (top ops by self CPU time)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--workdir", default=None, help="where the prepared checkpoints go (default: a temp dir)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prepared", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -68,6 +71,9 @@ def build(args, variant: str):
     from codellama.tokenizer import Tokenizer
 
     dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    prepared = getattr(args, "prepared", None)
+    if prepared:  # load from disk, as a user would: peak RSS is then the variant's own
+        return load(Path(prepared) / ("fp32" if variant in ("fp32", "bf16") else variant), device="cpu", dtype=dtype)
     if args.model:
         llama = load(args.model, device="cpu", dtype=dtype, tokenizer=args.tokenizer)
     else:
@@ -85,6 +91,26 @@ def build(args, variant: str):
         mode, _, group = base.partition("-g")
         quantize_model(llama.model, mode, int(group or 32), output=f"int{out}" if out else None)
     return llama
+
+
+def prepare(args, variants: list[str], workdir: Path) -> None:
+    """Write the float32 checkpoint and one quantized checkpoint per int variant under ``workdir``."""
+    import copy
+
+    from codellama.checkpoint import save_checkpoint
+    from codellama.quantize import quantize_model, save_quantized
+
+    llama = build(args, "fp32")
+    out = save_checkpoint(llama.model, workdir / "fp32")
+    (out / "tokenizer.model").write_bytes(llama.tokenizer.model_proto)
+    for v in variants:
+        if v.startswith("int"):
+            model = copy.deepcopy(llama.model)
+            base, _, o = v.partition("-out")
+            mode, _, group = base.partition("-g")
+            quantize_model(model, mode, int(group or 32), output=f"int{o}" if o else None)
+            d = save_quantized(model, workdir / v, mode=mode, group_size=int(group) if group else None)
+            (d / "tokenizer.model").write_bytes(llama.tokenizer.model_proto)
 
 
 def prompt_ids(llama, length: int) -> list[int]:
@@ -155,10 +181,11 @@ def worker(args) -> dict:
               "weight_bytes": quantization_summary(llama.model)["weight_bytes"],
               "kernel_layers": sum(m.uses_kernel("cpu") for m in quant), "quantized_layers": len(quant)}
     result |= measure_speed(llama, args.prompt_len, args.new_tokens, args.repeats)
+    # Peak RSS of load + generation (perplexity scoring below allocates [tokens, vocab] logits on top).
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result |= measure_perplexity(llama, args.ppl_files, args.ppl_tokens)
     if args.profile:
         result["profile"] = profile_decode(llama, args.prompt_len)
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
 
 
@@ -180,10 +207,14 @@ def main(argv=None) -> None:
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r} (use {', '.join(VARIANTS)})")
+    import tempfile
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="quant_bench_"))
+    print(f"... preparing checkpoints in {workdir}", file=sys.stderr, flush=True)
+    prepare(args, variants, workdir)
     results = []
     for v in variants:
         print(f"... {v}", file=sys.stderr, flush=True)
-        results.append(run_variant(args, v, argv))
+        results.append(run_variant(args, v, argv + ["--prepared", str(workdir)]))
     base = next((r for r in results if r["variant"] == "fp32"), results[0])
     print(f"{'variant':<10} {'weights':>9} {'peak RSS':>9} {'prefill':>9} {'decode':>8} {'vs fp32':>8} "
           f"{'ppl':>10} {'Δppl':>7}  greedy=fp32")
