@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prepared", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -139,7 +140,7 @@ def spawn(argv: list[str], worker: str, gguf: str | None = None) -> dict:
 def export(args, workdir: Path) -> dict[str, Path]:
     from codellama.gguf import save_gguf
 
-    llama = qb.build(args, "fp32")
+    llama = qb.build(args, "fp32")  # from the prepared float32 checkpoint
     files = {}
     for outtype in LLAMACPP:
         t0 = time.perf_counter()
@@ -162,6 +163,10 @@ def main(argv=None) -> None:
               "(pip install llama-cpp-python — it compiles llama.cpp, a few minutes)", file=sys.stderr)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vs_llamacpp_"))
     workdir.mkdir(parents=True, exist_ok=True)
+    # Our float32 and int8 checkpoints on disk first: every row then loads its model as a user would.
+    qb.prepare(args, ["int8"], workdir)
+    args.prepared = str(workdir)
+    argv = argv + ["--prepared", str(workdir)]
     files = export(args, workdir)
 
     rows: dict[str, dict] = {}
