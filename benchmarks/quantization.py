@@ -113,6 +113,18 @@ def prepare(args, variants: list[str], workdir: Path) -> None:
             (d / "tokenizer.model").write_bytes(llama.tokenizer.model_proto)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over ``exec`` from the forked
+    parent image, so a worker spawned by a parent holding a model would report the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def prompt_ids(llama, length: int) -> list[int]:
     ids = llama.tokenizer.encode(PROMPT * 50, bos=True)
     return ids[:length]
@@ -182,7 +194,7 @@ def worker(args) -> dict:
               "kernel_layers": sum(m.uses_kernel("cpu") for m in quant), "quantized_layers": len(quant)}
     result |= measure_speed(llama, args.prompt_len, args.new_tokens, args.repeats)
     # Peak RSS of load + generation (perplexity scoring below allocates [tokens, vocab] logits on top).
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss_bytes()
     result |= measure_perplexity(llama, args.ppl_files, args.ppl_tokens)
     if args.profile:
         result["profile"] = profile_decode(llama, args.prompt_len)

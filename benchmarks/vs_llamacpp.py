@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -80,7 +79,7 @@ def ours_worker(args) -> dict:
     r["prompt_ids"] = prompt
     if not args.no_ppl:
         r |= qb.measure_perplexity(llama, args.ppl_files, args.ppl_tokens)
-    r["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    r["peak_rss_bytes"] = qb.peak_rss_bytes()
     return r
 
 
@@ -125,7 +124,7 @@ def llamacpp_worker(args) -> dict:
             "new_tokens": args.new_tokens, "prefill_tok_s": len(prompt) / prefill,
             "decode_tok_s": (args.new_tokens - 1) / decode, "decode_ms_per_token": 1000 * decode / (args.new_tokens - 1),
             "greedy_tokens": greedy_tokens, "tokens_timed": tokens,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": qb.peak_rss_bytes()}
 
 
 def spawn(argv: list[str], worker: str, gguf: str | None = None) -> dict:

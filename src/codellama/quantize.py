@@ -100,8 +100,9 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     n, groups = scales.shape
-    q = unpack_int4(packed).reshape(n, groups, -1).to(dtype)
-    w = (q - 8) * scales.to(dtype).unsqueeze(-1) + zeros.to(dtype).unsqueeze(-1)
+    w = unpack_int4(packed).reshape(n, groups, -1).to(dtype)
+    # In place: this runs per prefill call on the whole weight, so no extra full-size temporaries.
+    w.sub_(8).mul_(scales.to(dtype).unsqueeze(-1)).add_(zeros.to(dtype).unsqueeze(-1))
     return w.reshape(n, -1)
 
 
