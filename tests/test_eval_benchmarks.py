@@ -265,6 +265,16 @@ def test_compare_side_by_side(tmp_path, capsys):
     assert row[-2:] == ["0.1000", "0.4000"]
     assert "13.00B" in out and "7.0M" in out
     assert png.read_bytes()[:8] == PNG_MAGIC
+    # Another benchmark of the same model fills the same column, in its own rows.
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps({"benchmark": "humaneval", "model": "small", "model_params": 7_000_000,
+                             "settings": {}, "metrics": {"pass@1": 0.25}}))
+    code, out, err = _run(["eval", "compare", str(a), str(b), str(c)], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0].split() == ["benchmark", "metric", "small", "big"]
+    assert next(line for line in out.splitlines() if line.startswith("humaneval")).split() == \
+        ["humaneval", "pass@1", "0.2500", "-"]
+    assert "mbpp-infilling[line]" in out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -106,37 +106,57 @@ def _label(r: dict, path: str) -> str:
     return r.get("model") or Path(path).stem
 
 
-def compare(paths: Sequence[str | Path], plot: str | Path | None = None) -> tuple[str, dict]:
-    """Models side by side: one column per results file, one row per (benchmark, metric).
+def bench_key(r: dict) -> str:
+    """The benchmark and the settings that make it a different test (mask, subset, SPM, chat, shots)."""
+    s = r.get("settings", {})
+    variant = [str(s[k]) for k in ("mask", "subset") if s.get(k)]
+    if s.get("suffix_first"):
+        variant.append("spm")
+    if s.get("chat"):
+        variant.append("chat")
+    if s.get("shots") not in (None, 3) and not s.get("chat"):
+        variant.append(f"{s['shots']}-shot")
+    return r["benchmark"] + (f"[{','.join(variant)}]" if variant else "")
 
-    With ``plot``, a PNG of every shared metric against model size (parameters): the "infilling metric vs
-    model" figure of the seed question."""
+
+def compare(paths: Sequence[str | Path], plot: str | Path | None = None) -> tuple[str, dict]:
+    """Models side by side: one column per model, one row per (benchmark variant, metric); the results files
+    of one model (one per benchmark) fill one column. Two files with the same model and benchmark variant get
+    separate columns, named after their files.
+
+    With ``plot``, a PNG of every 0..1 metric against model size (parameters): the "infilling metric vs
+    model size" figure of the seed question."""
     if len(paths) < 1:
         raise CodeLlamaError("compare needs at least one results file")
     loaded = [(str(p), load_results(p)) for p in paths]
-    labels = [_label(r, p) for p, r in loaded]
-    seen: dict[str, int] = {}
-    for i, lab in enumerate(labels):  # two files of the same model get distinct columns
-        if labels.count(lab) > 1:
-            seen[lab] = seen.get(lab, 0) + 1
-            labels[i] = f"{lab}#{seen[lab]}"
+    columns: list[str] = []
+    params: dict[str, int | None] = {}
+    cells: dict[tuple[str, str], dict] = {}  # (column, bench) -> metrics
     keys: list[tuple[str, str]] = []
-    for _, r in loaded:
-        bench = r["benchmark"] + (f"[{r['settings']['mask']}]" if "mask" in r.get("settings", {}) else "")
-        for k in _ordered_metrics([k for k, v in r["metrics"].items() if isinstance(v, (int, float))]):
+    for path, r in loaded:
+        col, bench = _label(r, path), bench_key(r)
+        if (col, bench) in cells:
+            col = f"{col} ({Path(path).stem})"
+        if col not in columns:
+            columns.append(col)
+            params[col] = r.get("model_params")
+        cells[(col, bench)] = r["metrics"]
+        for k in _ordered_metrics([k for k, v in r["metrics"].items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)]):
             if (bench, k) not in keys:
                 keys.append((bench, k))
+    first_seen = {}
+    for b, _ in keys:
+        first_seen.setdefault(b, len(first_seen))
+    keys.sort(key=lambda bk: first_seen[bk[0]])  # rows grouped by benchmark, in first-seen order (stable)
+    data: dict = {"models": columns, "params": [params[c] for c in columns], "rows": []}
     rows = []
-    data: dict = {"models": labels, "params": [r.get("model_params") for _, r in loaded], "rows": []}
     for bench, k in keys:
-        vals = []
-        for _, r in loaded:
-            rb = r["benchmark"] + (f"[{r['settings']['mask']}]" if "mask" in r.get("settings", {}) else "")
-            vals.append(r["metrics"].get(k) if rb == bench else None)
+        vals = [cells.get((c, bench), {}).get(k) for c in columns]
         rows.append((bench, k, *[_fmt(v) for v in vals]))
         data["rows"].append({"benchmark": bench, "metric": k, "values": vals})
-    params_row = ("", "params", *[_fmt_params(r.get("model_params")) for _, r in loaded])
-    text = table([params_row, *rows], ("benchmark", "metric", *labels))
+    params_row = ("", "params", *[_fmt_params(params[c]) for c in columns])
+    text = table([params_row, *rows], ("benchmark", "metric", *columns))
     if plot is not None:
         data["plot"] = str(plot_metric_vs_size(data, plot))
     return text, data
