@@ -352,7 +352,7 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
     bar = _progress(config, step, stop)
     logf = open(log_path, "a")
     model.train()
-    t_start, tokens_done, last = time.time(), 0, {}
+    t_start, tokens_done, last, saved_step = time.time(), 0, {}, -1
     try:
         while step < stop:
             lr = lr_at(step, config)
@@ -383,8 +383,11 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", val=f"{best_val:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
-            if step % config.ckpt_interval == 0 or step == stop:
+            if step % config.ckpt_interval == 0:
                 save()
+                saved_step = step
+        if saved_step != step:  # the end of this invocation (finished, or until_step) is always resumable
+            save()
     except KeyboardInterrupt:
         log(f"interrupted at step {step}; the last checkpoint is in {ckpt_path} (resume with --resume)")
         raise

@@ -1,0 +1,171 @@
+"""The trainer on a seconds-long run: the loss falls, schedule, resume is exact, LCFT changes θ, recipes, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sysconfig
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from codellama.checkpoint import load_model
+from codellama.cli import main
+from codellama.errors import CodeLlamaError
+from codellama.training.trainer import (RECIPES_DIR, TrainConfig, load_recipe, lr_at, make_optimizer,
+                                        model_from_run, read_log, train)
+
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for f in sorted(stdlib.glob("*.py"))[:24]:
+        shutil.copyfile(f, root / f.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(corpus_dir, tmp_path_factory) -> TrainConfig:
+    work = tmp_path_factory.mktemp("runs")
+    return TrainConfig(name="t", out_dir=str(work / "t"), data_dir=str(work / "data"), corpus=[str(corpus_dir)],
+                       vocab_size=384, seq_len=32, doc_chars=200, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                       batch_size=8, lr=5e-3, warmup_steps=3, max_steps=16, eval_interval=8, eval_batches=4,
+                       ckpt_interval=4, log_interval=1, num_threads=1, progress=False, seed=3)
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def test_tiny_run_lowers_the_loss(base):
+    config = replace(base, out_dir=base.out_dir + "-lower", max_steps=40, eval_interval=20)
+    summary = train(config, log=quiet)
+    log = read_log(config.out_dir)
+    assert [r["step"] for r in log] == list(range(1, 41))
+    first, last = log[0]["loss"], summary["final_train_loss"]
+    assert first > math.log(384) - 0.5  # starts near uniform over the vocabulary
+    assert last < first - 1.0
+    assert summary["final_val_loss"] < log[19]["val_loss"] < math.log(384)
+    assert summary["tokens_seen"] == 40 * 8 * 32
+    # The export is a loadable checkpoint with the trained weights.
+    model = load_model(Path(config.out_dir) / "final", device="cpu", dtype=torch.float32)
+    trained = model_from_run(config.out_dir)
+    x = torch.randint(0, 384, (1, 16))
+    assert torch.equal(model(x), trained(x))
+    assert model.config.rope_theta == 10_000.0
+    assert json.loads((Path(config.out_dir) / "summary.json").read_text())["step"] == 40
+
+
+def test_schedule_and_weight_decay_groups(base):
+    config = replace(base, lr=1e-3, warmup_steps=10, max_steps=110)
+    assert lr_at(0, config) == pytest.approx(1e-4)
+    assert lr_at(9, config) == pytest.approx(1e-3)
+    assert lr_at(60, config) == pytest.approx((1e-3 + 1e-3 / 30) / 2)
+    assert lr_at(110, config) == pytest.approx(1e-3 / 30)  # final LR = peak / 30
+    from codellama.config import ModelConfig
+    from codellama.model import Transformer
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=64, multiple_of=16))
+    decay, no_decay = make_optimizer(model, config).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in no_decay["params"]} == {id(model.tok_embeddings.weight), id(model.norm.weight),
+                                                  id(model.layers[0].attention_norm.weight),
+                                                  id(model.layers[0].ffn_norm.weight)}
+    assert decay["betas"] == (0.9, 0.95)
+
+
+def test_kill_and_resume_gives_the_same_curve(base):
+    whole = replace(base, out_dir=base.out_dir + "-whole")
+    train(whole, log=quiet)
+    reference = read_log(whole.out_dir)
+
+    broken = replace(base, out_dir=base.out_dir + "-broken")
+    train(broken, until_step=4, log=quiet)  # checkpoint at step 4
+    saved = (Path(broken.out_dir) / "ckpt.pt").read_bytes()
+    train(broken, resume=True, until_step=7, log=quiet)  # runs on to 7 (log has 5..7) ...
+    (Path(broken.out_dir) / "ckpt.pt").write_bytes(saved)  # ... and is killed before its next checkpoint
+    summary = train(broken, resume=True, log=quiet)
+    resumed = read_log(broken.out_dir)
+    assert [r["step"] for r in resumed] == list(range(1, 17))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
+    assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in reference]
+    assert summary["step"] == 16
+    a, b = model_from_run(whole.out_dir), model_from_run(broken.out_dir)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_resume_refuses_a_changed_recipe(base):
+    config = replace(base, out_dir=base.out_dir + "-changed")
+    train(config, until_step=4, log=quiet)
+    with pytest.raises(CodeLlamaError, match="recipe changed.*lr"):
+        train(replace(config, lr=1e-2), resume=True, log=quiet)
+
+
+def test_lcft_changes_theta_and_length_and_loads_back(base):
+    pre = replace(base, out_dir=base.out_dir + "-pre", max_steps=8)
+    train(pre, log=quiet)
+    lcft = replace(base, name="lcft", out_dir=base.out_dir + "-lcft", init_from=pre.out_dir,
+                   rope_theta=1_000_000.0, seq_len=4 * base.seq_len, lr=1e-3, warmup_steps=1, max_steps=3,
+                   eval_interval=3)
+    # Before any step the LCFT model is the pretrained one with only θ changed.
+    start = model_from_run(pre.out_dir, rope_theta=1_000_000.0)
+    train(lcft, until_step=0, log=quiet)
+    assert all(torch.equal(p, q) for p, q in zip(start.state_dict().values(),
+                                                 model_from_run(lcft.out_dir).state_dict().values()))
+    summary = train(lcft, resume=True, log=quiet)
+    assert summary["rope_theta"] == 1_000_000.0 and summary["seq_len"] == 128
+    final = Path(lcft.out_dir) / "final"
+    params = json.loads((final / "params.json").read_text())
+    assert params["rope_theta"] == 1_000_000.0
+    loaded = load_model(final, device="cpu", dtype=torch.float32)
+    assert loaded.config.rope_theta == 1_000_000.0
+    x = torch.randint(0, 384, (1, 100))
+    assert torch.equal(loaded(x), model_from_run(lcft.out_dir)(x))
+    assert not torch.allclose(loaded(x), model_from_run(pre.out_dir)(x))
+
+
+def test_bundled_recipes_load_and_match_the_repository():
+    for name in ("tiny-pretrain", "tiny-lcft"):
+        config = load_recipe(name)
+        assert config.name == name
+        if REPO_RECIPES.is_dir():
+            assert (RECIPES_DIR / f"{name}.toml").read_text() == (REPO_RECIPES / f"{name}.toml").read_text()
+    pre, lcft = load_recipe("tiny-pretrain"), load_recipe("tiny-lcft")
+    assert (pre.rope_theta, lcft.rope_theta) == (10_000.0, 1_000_000.0)
+    assert lcft.seq_len == 4 * pre.seq_len
+    assert lcft.init_from == pre.out_dir and lcft.data_dir == pre.data_dir
+    assert (pre.fim_rate, pre.fim_spm_rate, pre.beta1, pre.beta2, pre.weight_decay, pre.grad_clip) == \
+        (0.9, 0.5, 0.9, 0.95, 0.1, 1.0)
+
+
+def test_bad_recipes_are_user_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[optim]\nlearning_rate = 1\n')
+    with pytest.raises(CodeLlamaError, match="unknown recipe keys: learning_rate"):
+        load_recipe(bad)
+    assert main(["train", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: recipe not found") and "Traceback" not in err
+    bad.write_text("name = \n")
+    assert main(["train", str(bad)]) == 2
+    assert "invalid TOML" in capsys.readouterr().err
+
+
+def test_cli_train_and_resume(base, tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'name = "cli"\nout_dir = "{tmp_path / "cli"}"\n[data]\ndata_dir = "{base.data_dir}"\n'
+        f'corpus = ["{base.corpus[0]}"]\nvocab_size = 384\nseq_len = 32\ndoc_chars = 200\n'
+        '[model]\ndim = 32\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\n'
+        '[optim]\nbatch_size = 8\nlr = 5e-3\nwarmup_steps = 3\nmax_steps = 6\n'
+        '[run]\neval_interval = 6\neval_batches = 2\nckpt_interval = 2\nlog_interval = 1\nnum_threads = 1\nseed = 3\n')
+    assert main(["train", str(recipe), "--no-progress", "--until-step", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 4
+    assert main(["train", str(recipe), "--no-progress", "--resume"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 6 and Path(summary["export"]).joinpath("model.safetensors").is_file()
