@@ -38,6 +38,8 @@ DEFAULT_MAX_QUEUE = 64
 # A newcomer's prompt tokens prefilled per scheduler iteration before the running rows get their next step;
 # at least one newcomer is admitted per iteration whatever its length.
 DEFAULT_PREFILL_BUDGET = 2048
+# Prefill lengths are padded to a multiple of this with packed (oneDNN) weights; see Engine._prefill.
+PREFILL_BUCKET = 32
 MAX_TOP_LOGPROBS = 20
 
 
@@ -155,7 +157,8 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._cache: KVCache | None = None
-        self._lens: Tensor | None = None
+        self._lens: Tensor | None = None  # per row: the next free slot
+        self._pads: Tensor | None = None  # per row: padding slots before the prompt
 
     # ---- public, any thread ------------------------------------------------------------------------
     @property
@@ -178,6 +181,7 @@ class Engine:
         self._cache = KVCache.allocate(self.model.config, self.max_batch_size, self.context, device=self._device,
                                        dtype=self._dtype)
         self._lens = torch.zeros(self.max_batch_size, dtype=torch.long, device=self._device)
+        self._pads = torch.zeros(self.max_batch_size, dtype=torch.long, device=self._device)
         self._thread = threading.Thread(target=self._loop, name="codellama-engine", daemon=True)
         self._thread.start()
         return self
@@ -279,30 +283,42 @@ class Engine:
         """Run the prompt through the model into the next free row and sample the first token."""
         row = len(self._rows)
         cache = self._cache
-        # A one-row view of the shared cache: the prefill is exactly a solo run's (B=1, no padding).
+        P = len(seq.job.prompt)
+        # oneDNN keeps a compiled kernel per input shape for packed weights, so prefilling every distinct prompt
+        # length would grow memory by ~0.5 MB per length seen. Left-padding to a multiple of PREFILL_BUCKET
+        # bounds the shapes; padding slots are masked out (as in a left-padded batch) and get no RoPE position.
+        pad = (-P) % PREFILL_BUCKET if dec.packed else 0
+        pad = max(0, min(pad, self.context - P - max(seq.request.max_new_tokens, 1) + 1))
+        T = P + pad
+        tokens = torch.zeros(1, T, dtype=torch.long, device=self._device)
+        tokens[0, pad:] = torch.tensor(seq.job.prompt, device=self._device)
+        positions = (torch.arange(T, device=self._device) - pad).clamp(min=0).unsqueeze(0)
+        cache.valid[row] = True
+        cache.valid[row, :pad] = False
+        # A one-row view of the shared cache: without padding the prefill is exactly a solo run's.
         view = KVCache(k=cache.k[:, row:row + 1], v=cache.v[:, row:row + 1], valid=cache.valid[row:row + 1])
-        prompt = torch.tensor([seq.job.prompt], device=self._device)
-        P = prompt.shape[1]
-        positions = torch.arange(P, device=self._device).unsqueeze(0)
         logits = None
         if seq.prompt_logprobs:
             seq.request.prompt_token_logprobs = [0.0]
             seq.prompt_top = [[]]
-        for start in range(0, P, self.prefill_chunk):
-            end = min(start + self.prefill_chunk, P)
-            logits = forward_step(self.model, dec, prompt[:, start:end], positions[:, start:end], view, self._rope,
-                                  False, last_only=not seq.prompt_logprobs, decode=False)
+        for start in range(0, T, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, T)
+            logits = forward_step(self.model, dec, tokens[:, start:end], positions[:, start:end], view, self._rope,
+                                  pad > 0, last_only=not seq.prompt_logprobs, decode=False)
             if seq.prompt_logprobs:
-                # logits[:, t] scores the prompt token at start + t + 1.
-                targets = prompt[0, start + 1:end + 1]
+                # logits[:, t] scores the token in slot start + t + 1; slots before pad + 1 hold no prediction.
+                lo = max(start, pad)
+                targets = tokens[0, lo + 1:end + 1]
                 if len(targets):
-                    lps, tops = self._logprobs(logits[0, :len(targets)], targets.tolist(), seq.top_logprobs or 0)
+                    lps, tops = self._logprobs(logits[0, lo - start:lo - start + len(targets)], targets.tolist(),
+                                               seq.top_logprobs or 0)
                     seq.request.prompt_token_logprobs.extend(lps)
                     seq.prompt_top.extend(tops)
                 logits = logits[:, -1:]
         self.stats.prefills += 1
         self.stats.prompt_tokens += P
-        self._lens[row] = P
+        self._lens[row] = T
+        self._pads[row] = pad
         seq._row = row
         self._rows.append(seq)
         if not seq.generate:
@@ -316,12 +332,15 @@ class Engine:
         c = self.model.config
         H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
         cache = self._cache
-        pos = self._lens[:n]  # slot (= RoPE position) each row's new token is written to
+        pos = self._lens[:n]  # the slot each row's new token is written to
+        pads = self._pads[:n]  # each row's padding slots at the front (not attended, not counted in positions)
         tokens = torch.tensor([s._next for s in self._rows], device=self._device).view(n, 1)
         keys = int(pos.max()) + 1
-        # Each row sees its own slots up to its new token; later slots belong to nothing yet.
-        mask = (torch.arange(keys, device=self._device).unsqueeze(0) <= pos.unsqueeze(1)).view(n, 1, 1, keys)
-        cos, sin = self._rope[0][pos].unsqueeze(1), self._rope[1][pos].unsqueeze(1)  # [n, 1, hd/2]
+        # Each row sees its own slots from its first real token up to its new token; later slots are unused.
+        slots = torch.arange(keys, device=self._device).unsqueeze(0)
+        mask = ((slots <= pos.unsqueeze(1)) & (slots >= pads.unsqueeze(1))).view(n, 1, 1, keys)
+        rope_pos = pos - pads
+        cos, sin = self._rope[0][rope_pos].unsqueeze(1), self._rope[1][rope_pos].unsqueeze(1)  # [n, 1, hd/2]
         rows = torch.arange(n, device=self._device)
         h = self.model.tok_embeddings(tokens)
         for i, (layer, ops) in enumerate(zip(self.model.layers, dec.layers)):
@@ -397,6 +416,7 @@ class Engine:
                 cache.k[:, r, :, :n] = cache.k[:, last, :, :n]
                 cache.v[:, r, :, :n] = cache.v[:, last, :, :n]
                 self._lens[r] = self._lens[last]
+                self._pads[r] = self._pads[last]
                 self._rows[r] = self._rows[last]
                 self._rows[r]._row = r
             self._rows.pop()
