@@ -176,6 +176,9 @@ def test_cli_quantize(tmp_path, model128, tiny_tokenizer_path):
     assert r.returncode == 0, r.stderr
     assert "15 int4/g64 layers" in r.stdout
     assert load(tmp_path / "q4", device="cpu").model.layers[1].feed_forward.w2.group_size == 64
+    r = subprocess.run([sys.executable, "-m", "codellama", "quantize", str(src), str(tmp_path / "q4o"), "--int4",
+                        "--output", "int8"], capture_output=True, text=True)
+    assert r.returncode == 0 and "14 int4/g32, 1 int8 layers" in r.stdout, r.stderr
 
 
 def test_cli_quantize_errors_are_one_line(tmp_path, model128, tiny_tokenizer_path):

@@ -117,6 +117,8 @@ def _add_quantize(sub) -> None:
     mode.add_argument("--int4", dest="mode", action="store_const", const="int4", help="int4 in groups")
     p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128, 256),
                    help="int4 group size (default 32)")
+    p.add_argument("--output", default=None, choices=("int8", "int4", "none"),
+                   help="quantization of the output projection (default: as the rest; none keeps it in float)")
     p.add_argument("--dtype", default="float32", help="activation / embedding dtype stored (default float32)")
     p.set_defaults(func=cmd_quantize)
 
@@ -130,7 +132,12 @@ def cmd_quantize(args) -> None:
     src = Path(args.src).expanduser()
     if Path(args.dst).expanduser().resolve() == src.resolve():
         raise CodeLlamaError("the destination must differ from the source checkpoint")
-    llama = load(src, device="cpu", dtype=args.dtype, quantize=args.mode, group_size=args.group_size)
+    if args.output is None:
+        llama = load(src, device="cpu", dtype=args.dtype, quantize=args.mode, group_size=args.group_size)
+    else:
+        from .quantize import quantize_model
+        llama = load(src, device="cpu", dtype=args.dtype)
+        quantize_model(llama.model, args.mode, args.group_size, output=args.output)
     out = save_quantized(llama.model, args.dst, mode=args.mode,
                          group_size=args.group_size if args.mode == "int4" else None)
     (out / "tokenizer.model").write_bytes(llama.tokenizer.model_proto)
