@@ -131,6 +131,12 @@ def test_echo_and_logprobs(client, llama):
     r = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=0, logprobs=0, echo=True)
     assert r.choices[0].text == PROMPTS[3] and r.usage.completion_tokens == 0
     assert r.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want.logprobs[1:-5], abs=1e-5)
+    # Streaming with echo: the prompt (with its logprobs) comes first, then the generated text.
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=5, temperature=0,
+                                            logprobs=1, echo=True, stream=True))
+    assert chunks[0].choices[0].text == PROMPTS[3] and "".join(c.choices[0].text for c in chunks) == want.text
+    streamed = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(want.logprobs[1:], abs=1e-5)
     # Chat logprobs (the newer format).
     messages = [{"role": "user", "content": "hi"}]
     want = llama.chat(messages, max_new_tokens=4, logprobs=True)
@@ -309,6 +315,13 @@ def test_full_queue_answers_503_with_retry_after_and_cancelled_streams_free_thei
         metrics = http.get(url + "/metrics").text
         assert 'codellama_requests_total{endpoint="/v1/completions",status="503"} 1' in metrics
         assert "codellama_engine_cancelled_total 2" in metrics
+        # A non-streaming client that gives up (timeout) has its generation cancelled too.
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(url + "/v1/completions", json=body | {"stream": False}, timeout=0.3)
+        deadline = time.monotonic() + 10
+        while engine.stats.cancelled < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.stats.cancelled == 3 and engine.active == 0
         # The freed slot serves the next request with the right text.
         r = http.post(url + "/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0})
         assert r.json()["choices"][0]["text"] == llama.complete(PROMPTS[1], max_new_tokens=10).text

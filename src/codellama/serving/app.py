@@ -35,6 +35,8 @@ from .scheduler import Engine, EngineStopped, Event, QueueFull, build_job, make_
 from ..generation import _context, _Job
 
 log = logging.getLogger("codellama.serve")
+# How often a non-streaming request checks that its client is still there (a streaming one notices at once).
+DISCONNECT_POLL_S = 0.25
 
 
 @dataclass
@@ -414,14 +416,18 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
                         watch_disconnect: bool) -> AsyncIterator[tuple[int, Event]]:
         """Events until every sequence is done; cancels the rest if the consumer stops (client gone)."""
         left, first = len(seqs), True
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         try:
             while left:
                 if watch_disconnect:
-                    try:
-                        i, event = await asyncio.wait_for(events.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
+                    # Nothing is sent before the answer, so a gone client is only seen by asking the server.
+                    if time.monotonic() >= next_check:
                         if await request.is_disconnected():
                             return
+                        next_check = time.monotonic() + DISCONNECT_POLL_S
+                    try:
+                        i, event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
+                    except asyncio.TimeoutError:
                         continue
                 else:
                     i, event = await events.get()
@@ -532,16 +538,18 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
 
         async def gen() -> AsyncIterator[str]:
             text_len = [0] * len(seqs)
-            for i, seq in enumerate(seqs):
-                if echo and seq.job.echo_text:
+            echoed = [not echo] * len(seqs)
+            finals: list[Event | None] = [None] * len(seqs)
+            async for i, e in events_of(request, seqs, events, started, watch_disconnect=False):
+                if not echoed[i]:
+                    # The prompt goes first, once the prefill has scored it (its first event comes after).
+                    echoed[i], seq = True, seqs[i]
                     lp = None
                     if logprobs is not None:
                         lp = completion_logprobs(seq, seq.job.prompt, seq.request.prompt_token_logprobs,
                                                  seq.prompt_top, 0, first_is_prompt_start=True)
                     text_len[i] = len(seq.job.echo_text)
                     yield sse(chunk([{"text": seq.job.echo_text, "index": i, "logprobs": lp, "finish_reason": None}]))
-            finals: list[Event | None] = [None] * len(seqs)
-            async for i, e in events_of(request, seqs, events, started, watch_disconnect=False):
                 if e.error:
                     yield sse(APIError(500, e.error, type="server_error", code="generation_failed").body())
                     continue
