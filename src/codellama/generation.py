@@ -107,18 +107,43 @@ def available_memory(device: torch.device) -> int | None:
         # Blocks the caching allocator holds but does not use are free for us too.
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type == "cpu":
+        free = _host_available()
+        limited = _cgroup_available()  # a container's limit is often far below the host's free memory
+        if free is None or limited is None:
+            return free if limited is None else limited
+        return min(free, limited)
+    return None
+
+
+def _host_available() -> int | None:
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cgroup_available() -> int | None:
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
-            import psutil
-            return int(psutil.virtual_memory().available)
-        except ImportError:
-            pass
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" or a huge number: no limit
+            return max(0, int(limit) - usage)
     return None
 
 
@@ -262,7 +287,7 @@ def _run(model: Transformer, requests: list[Request], prefill_chunk: int,
 # pre-packed for oneDNN: its GEMV uses every core (MKL's uses one) and its GEMM avoids MKL's slow
 # non-Intel code path. Measured on a 2-core AMD EPYC, float32: decode ~1.9x, prefill ~2.5x. The packed
 # copy doubles the linear weights' memory, so by default it is made only for models up to
-# ``PACK_LIMIT_BYTES``.
+# ``PACK_LIMIT_BYTES`` and requests whose KV cache is smaller than the weights (``will_pack``).
 PACK_LIMIT_BYTES = 2 * 2**30
 
 
