@@ -348,7 +348,7 @@ def test_health_models_and_metrics(server, client):
 def test_cli_serve_binds_loopback_and_serves(checkpoint):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "codellama", "serve", "--model", str(checkpoint), "--port", "0",
-                             "--max-batch-size", "2", "--api-key", "k", "--log-level", "warning"],
+                             "--max-batch-size", "2", "--api-key", "k", "--log-level", "warning", "--threads", "1"],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = ""
