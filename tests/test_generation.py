@@ -366,3 +366,16 @@ def test_attention_in_row_blocks_matches_one_block(sharp_model, monkeypatch):
     assert [r.tokens for r in blocked] == [r.tokens for r in ref]
     for a, b in zip(blocked, ref):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 48), (2, 9, 48), (1, 64, 48), (3, 50, 48)])
+def test_packed_linear_pads_rows_to_buckets_exactly(shape):
+    from codellama.generation import _packed_linear, _packing_works
+
+    if not _packing_works(torch.float32):
+        pytest.skip("oneDNN weight packing is not available here")
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 48), torch.randn(*shape)
+    got = _packed_linear(w)(x)
+    assert got.shape == (*shape[:-1], 24)
+    assert torch.allclose(got, torch.nn.functional.linear(x, w), atol=1e-4)
