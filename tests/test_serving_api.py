@@ -371,3 +371,21 @@ def test_cli_serve_binds_loopback_and_serves(checkpoint):
     r = subprocess.run([sys.executable, "-m", "codellama", "serve", "--model", str(checkpoint),
                         "--max-batch-size", "0"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == "error: --max-batch-size must be >= 1, got 0"
+
+
+def test_engine_failure_is_a_500_error_object_and_an_error_event(llama):
+    engine = Engine(llama, max_batch_size=2, threads=1)
+
+    def broken(dec):
+        raise RuntimeError("simulated out of memory")
+    engine._decode = broken
+    with running_server(create_app(llama, engine=engine)) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 5})
+        assert r.status_code == 500 and "Traceback" not in r.text
+        assert r.json()["error"] == {"message": "generation failed: RuntimeError: simulated out of memory",
+                                     "type": "server_error", "param": None, "code": "generation_failed"}
+        with httpx.stream("POST", url + "/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}) as s:
+            lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert json.loads(lines[-2][6:])["error"]["code"] == "generation_failed" and lines[-1] == "data: [DONE]"
+        assert httpx.get(url + "/health").json()["status"] == "ok"

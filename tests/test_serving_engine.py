@@ -159,3 +159,23 @@ def test_prompt_scoring_and_context_limits(llama):
         engine.stop()
     with pytest.raises(CodeLlamaError, match="max_batch_size"):
         Engine(llama, max_batch_size=0)
+
+
+def test_a_failing_step_fails_its_sequences_and_the_engine_keeps_serving(llama):
+    engine = Engine(llama, max_batch_size=2, threads=1).start()
+    decode, calls = engine._decode, []
+
+    def broken_once(dec):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated out of memory")
+        decode(dec)
+    engine._decode = broken_once
+    try:
+        final = list(_run(engine, llama, PROMPTS[0], max_tokens=10))[-1]
+        assert final.done and final.error == "generation failed: RuntimeError: simulated out of memory"
+        assert final.completion is None and engine.active == 0 and engine.stats.errors == 1
+        after = list(_run(engine, llama, PROMPTS[0], max_tokens=10))[-1].completion
+        assert after.text == llama.complete(PROMPTS[0], max_new_tokens=10).text
+    finally:
+        engine.stop()

@@ -374,7 +374,8 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
                 raise _bad("seed", f"seed must be a non-negative integer, got {seed!r}")
         return _Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", temperature_default, 0.0, 2.0),
                          top_p=_number(body, "top_p", top_p_default, 0.0, 1.0, lo_open=True),
-                         top_k=_int(body, "top_k", top_k_default, lo=0), seed=seed, stop=_stop(body), n=n)
+                         top_k=max(0, _int(body, "top_k", top_k_default, lo=-1)),  # -1: off (vLLM), as 0
+                         seed=seed, stop=_stop(body), n=n)
 
     def check_context(job: _Job, param: str) -> None:
         if len(job.prompt) >= engine.context:

@@ -248,12 +248,25 @@ class Engine:
                     admitted = self._take_newcomers()
                 try:
                     dec = decoder_for(self.model, self.pack)
+                except Exception as e:  # cannot build the forward at all: fail the newcomers, retry next time
+                    self.stats.errors += 1
+                    with self._cv:
+                        self._admitting = 0
                     for seq in admitted:
-                        try:
-                            self._prefill(dec, seq)
-                        finally:
-                            with self._cv:
-                                self._admitting -= 1
+                        self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
+                    continue
+                for seq in admitted:
+                    try:
+                        self._prefill(dec, seq)
+                    except Exception as e:  # e.g. out of memory for a long prompt: fail that request only
+                        self.stats.errors += 1
+                        if seq in self._rows:  # it is the last row
+                            self._rows.pop()
+                        self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
+                    finally:
+                        with self._cv:
+                            self._admitting -= 1
+                try:
                     self._drop_finished()
                     if self._rows:
                         self._decode(dec)
