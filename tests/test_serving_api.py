@@ -389,3 +389,23 @@ def test_engine_failure_is_a_500_error_object_and_an_error_event(llama):
             lines = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert json.loads(lines[-2][6:])["error"]["code"] == "generation_failed" and lines[-1] == "data: [DONE]"
         assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_real_vocabulary_infilling_and_chat_equal_the_library(real_tokenizer_path):
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32016, multiple_of=32,
+                         max_seq_len=256)
+    torch.manual_seed(1)
+    model = Transformer(config)
+    model.init_weights(std=0.3)
+    llama = CodeLlama(model.eval(), Tokenizer(real_tokenizer_path), name="real-vocab")
+    prefix, suffix = "def remove_non_ascii(s: str) -> str:\n    \"\"\" ", "\n    return result\n"
+    messages = [{"role": "user", "content": "In Bash, how do I list all text files?"}]
+    with running_server(create_app(llama, max_batch_size=2, threads=1)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="real-vocab", prompt=prefix, suffix=suffix, max_tokens=12, temperature=0)
+        assert r.choices[0].text == llama.infill(prefix, suffix, max_new_tokens=12).text
+        r = client.chat.completions.create(model="real-vocab", messages=messages, max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == llama.chat(messages, max_new_tokens=12).text
+        body = {"input_prefix": prefix, "input_suffix": suffix, "n_predict": 12, "temperature": 0}
+        assert httpx.post(url + "/infill", json=body).json()["content"] == llama.infill(prefix, suffix,
+                                                                                         max_new_tokens=12).text
