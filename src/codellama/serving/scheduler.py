@@ -358,14 +358,15 @@ class Engine:
         h = self.model.tok_embeddings(tokens)
         for i, (layer, ops) in enumerate(zip(self.model.layers, dec.layers)):
             q, k, v = ops.qkv(layer.attention_norm(h))
-            q = apply_rope(q.view(n, 1, H, hd), cos, sin).transpose(1, 2)
+            # One new token per row: the H/KV query heads sharing a key/value head become that head's G
+            # "query positions", so attention reads the cache as it is (no repeated keys/values for GQA).
+            q = apply_rope(q.view(n, 1, H, hd), cos, sin).view(n, KV, H // KV, hd)
             k = apply_rope(k.view(n, 1, KV, hd), cos, sin)
             k_cache, v_cache = cache.k[i], cache.v[i]
             k_cache[rows, :, pos] = k[:, 0]
             v_cache[rows, :, pos] = v.view(n, KV, hd)
-            out = F.scaled_dot_product_attention(q, k_cache[:n, :, :keys], v_cache[:n, :, :keys], attn_mask=mask,
-                                                 enable_gqa=KV != H)
-            h = h + ops.wo(out.transpose(1, 2).reshape(n, 1, H * hd))
+            out = F.scaled_dot_product_attention(q, k_cache[:n, :, :keys], v_cache[:n, :, :keys], attn_mask=mask)
+            h = h + ops.wo(out.reshape(n, 1, H * hd))
             h = h + ops.ffn(layer.ffn_norm(h))
         logits = dec.output(self.model.norm(h)).float()[:, 0]
         self._lens[:n] += 1
