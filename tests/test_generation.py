@@ -379,3 +379,20 @@ def test_packed_linear_pads_rows_to_buckets_exactly(shape):
     got = _packed_linear(w)(x)
     assert got.shape == (*shape[:-1], 24)
     assert torch.allclose(got, torch.nn.functional.linear(x, w), atol=1e-4)
+
+
+def test_kv_cache_is_sized_to_the_request(sharp_model, monkeypatch):
+    from codellama.generation import request_memory
+    from codellama.model import KVCache
+
+    made = []
+    real = KVCache.allocate.__func__
+
+    def spy(cls, *args, **kwargs):
+        made.append(real(cls, *args, **kwargs))
+        return made[-1]
+    monkeypatch.setattr(generation.KVCache, "allocate", classmethod(spy))
+    generate(sharp_model, [[1, 2, 3, 4, 5, 6, 7], [1, 2]], max_new_tokens=10)
+    [cache] = made
+    assert cache.k.shape[1] == 2 and cache.size == 7 + 10 - 1  # the last new token is never fed back
+    assert cache.nbytes() == request_memory(sharp_model, 2, 7, cache.size, 2048)["kv_cache"]

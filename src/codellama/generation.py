@@ -148,7 +148,7 @@ def _cgroup_available() -> int | None:
 
 
 def request_memory(model: Transformer, batch: int, prompt_len: int, cache_len: int,
-                   prefill_chunk: int) -> dict[str, int]:
+                   prefill_chunk: int, prompt_logprobs: bool = False) -> dict[str, int]:
     """Bytes a generation allocates beyond the weights: the KV cache and the largest prefill activations."""
     c, dtype = model.config, model.output.weight.dtype
     item = torch.empty((), dtype=dtype).element_size()
@@ -156,15 +156,17 @@ def request_memory(model: Transformer, batch: int, prompt_len: int, cache_len: i
     t = max(1, min(prefill_chunk, prompt_len))
     # One layer's live tensors for a chunk: residual, normed input, q/k/v (+ float32 RoPE copies),
     # the SwiGLU hidden pair; plus one attention block's bool mask and SDPA's float32 copy of it
-    # (see ATTENTION_MASK_ENTRIES), and the last-position logits.
+    # (see ATTENTION_MASK_ENTRIES), and the logits (every position's, and their log-softmax, when the
+    # prompt's logprobs are wanted).
     hidden = batch * t * (6 * c.dim + 3 * c.ffn_hidden) * 4
     mask = 5 * min(batch * t * cache_len, ATTENTION_MASK_ENTRIES + batch * cache_len)
-    logits = batch * c.vocab_size * 4 * 2
+    logits = batch * (t if prompt_logprobs else 1) * c.vocab_size * 4 * 2
     return {"kv_cache": kv, "activations": hidden + mask + logits}
 
 
 def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  prefill_chunk: int, pack: bool | None = None) -> tuple[list[int], bool]:
+                  prefill_chunk: int, pack: bool | None = None,
+                  prompt_logprobs: bool = False) -> tuple[list[int], bool]:
     """Validate prompts against the model's context and free memory; returns each prompt's token budget
     and whether to use packed weights (``will_pack``).
 
@@ -188,7 +190,7 @@ def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
         budgets.append(min(max_new_tokens, c.max_seq_len - len(p)))
     longest = max(len(p) for p in prompts)
     cache_len = longest + max(budgets) - 1  # the last sampled token is never fed back
-    need = request_memory(model, len(prompts), longest, cache_len, prefill_chunk)
+    need = request_memory(model, len(prompts), longest, cache_len, prefill_chunk, prompt_logprobs)
     free = available_memory(model.output.weight.device)
     pack = will_pack(model, pack, need["kv_cache"])
     total = need["kv_cache"] + need["activations"] + pack_bytes(model, pack)
@@ -215,7 +217,8 @@ def run(model: Transformer, requests: list[Request], *, prefill_chunk: int = DEF
     for r in requests:
         validate_sampling(max_new_tokens=r.max_new_tokens)
     budgets, pack = check_request(model, [r.prompt for r in requests],
-                                  max(r.max_new_tokens for r in requests), prefill_chunk, pack)
+                                  max(r.max_new_tokens for r in requests), prefill_chunk, pack,
+                                  any(r.prompt_logprobs for r in requests))
     for r, b in zip(requests, budgets):
         r.max_new_tokens = min(r.max_new_tokens, b)
     return _run(model, requests, prefill_chunk, pack)
