@@ -227,7 +227,7 @@ def main() -> None:
     p.add_argument("--random", action="store_true", help="random weights of the embedded model's shape")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request in phases 1-2")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens per request in phases 1-2")
     p.add_argument("--single-requests", type=int, default=8)
     p.add_argument("--concurrent-requests", type=int, default=64)
     p.add_argument("--leak-requests", type=int, default=1000)
