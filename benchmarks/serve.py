@@ -268,16 +268,18 @@ def main() -> None:
         results["speedup"] = round(ratio, 2)
 
         warm_at = max(1, args.leak_requests // 10)
-        rss = {}
+        rss, series = {}, []  # RSS (MiB) every 10% of the requests, for the JSON
 
         def progress(n: int) -> None:
             if n == warm_at and "warm" not in rss:
                 rss["warm"] = rss_bytes(server.proc.pid)
+            if n % warm_at == 0:
+                series.append(round(rss_bytes(server.proc.pid) / 2**20, 1))
         leak = asyncio.run(phase(url, args.clients, prompts(args.leak_requests, 3), args.leak_max_tokens, end,
                                  on_progress=progress))
         rss["end"] = rss_bytes(server.proc.pid)
         growth = (rss["end"] - rss.get("warm", rss["end"])) / rss.get("warm", rss["end"])
-        leak.update(rss_warm_mib=round(rss.get("warm", 0) / 2**20, 1), rss_end_mib=round(rss["end"] / 2**20, 1),
+        leak.update(rss_series_mib=series, rss_warm_mib=round(rss.get("warm", 0) / 2**20, 1), rss_end_mib=round(rss["end"] / 2**20, 1),
                     rss_growth_pct=round(100 * growth, 2))
         results["leak"] = leak
         print("leak      ", leak, file=sys.stderr)
