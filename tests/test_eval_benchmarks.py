@@ -154,12 +154,13 @@ def test_mbpp_end_to_end(tiny_ckpt, mbpp_file, tmp_path, capsys):
 def test_mbpp_infilling_end_to_end_and_reference_scores(tiny_ckpt, mbpp_file, tmp_path, capsys):
     out = tmp_path / "mi.json"
     code, stdout, err = _run(["eval", "mbpp-infilling", "--model", str(tiny_ckpt), "--data", str(mbpp_file),
-                              "--mask", "block", "--max-new-tokens", "8", "--no-progress", "--output", str(out)],
-                             capsys)
+                              "--mask", "block", "--max-new-tokens", "8", "--baseline", "--no-progress", "--output",
+                              str(out)], capsys)
     assert code == 0, err
     res = json.loads(out.read_text())
     m = res["metrics"]
     assert m["problems"] == 3 and m["pass@1"] == 0.0
+    assert m["pass@1_empty_middle"] == 0.0  # every fixture block is needed by its tests
     assert 0.0 <= m["edit_similarity"] < 1.0 and m["exact_match"] == 0.0
     assert "edit_similarity" in stdout
     # The reference middles, scored by `evaluate`, must give exact match 1 and pass@1 1: the masking and the

@@ -102,6 +102,8 @@ def add_parser(sub, parser_class) -> None:
     _gen_args(p, max_new_tokens=128)
     p.add_argument("--mask", default="line", choices=["line", "block"])
     p.add_argument("--spm", action="store_true", help="suffix-prefix-middle prompts (default PSM)")
+    p.add_argument("--baseline", action="store_true", help="also score an empty middle for every problem: "
+                   "the pass@1 floor of masks the tests never exercise")
     p.set_defaults(func=run)
 
     p = evsub.add_parser("key-retrieval", help="synthetic key retrieval over context lengths x depths (heatmap)")
@@ -227,6 +229,11 @@ def run(args) -> None:
                                 extra_settings=extra, timeout=args.timeout)
         if bench == "mbpp-infilling":
             results["metrics"].update(_by_lines(results, problems))
+            if args.baseline:
+                from .harness import score_samples
+                empty = score_samples(problems, [{"task_id": p.task_id, "completion": ""} for p in problems],
+                                      workers=args.workers, progress=progress)
+                results["metrics"]["pass@1_empty_middle"] = empty["metrics"]["pass@1"]
         over = results["metrics"].get("prompts_over_context")
         if over:
             print(f"warning: {over} prompt(s) longer than the model's context ({llama.config.max_seq_len} tokens) "
