@@ -179,3 +179,10 @@ def test_a_failing_step_fails_its_sequences_and_the_engine_keeps_serving(llama):
         assert after.text == llama.complete(PROMPTS[0], max_new_tokens=10).text
     finally:
         engine.stop()
+
+
+def test_engine_arguments_are_checked(llama):
+    for kwargs, match in [({"max_queue": -1}, "max_queue"), ({"prefill_chunk": 100}, "multiple of 32"),
+                          ({"context": 1}, "at least 2"), ({"max_batch_size": 10**8, "context": 128}, "lower")]:
+        with pytest.raises(CodeLlamaError, match=match):
+            Engine(llama, **kwargs)
