@@ -279,7 +279,8 @@ def main() -> None:
                                  on_progress=progress))
         rss["end"] = rss_bytes(server.proc.pid)
         growth = (rss["end"] - rss.get("warm", rss["end"])) / rss.get("warm", rss["end"])
-        leak.update(rss_series_mib=series, rss_warm_mib=round(rss.get("warm", 0) / 2**20, 1), rss_end_mib=round(rss["end"] / 2**20, 1),
+        leak.update(rss_series_mib=series, rss_warm_mib=round(rss.get("warm", 0) / 2**20, 1),
+                    rss_end_mib=round(rss["end"] / 2**20, 1),
                     rss_growth_pct=round(100 * growth, 2))
         results["leak"] = leak
         print("leak      ", leak, file=sys.stderr)
@@ -293,7 +294,8 @@ def main() -> None:
     s, c, lk = results["single"], results["concurrent"], results["leak"]
     print(f"\n{which}\n"
           f"1 client : {s['tokens_per_s']:8.1f} tok/s  TTFT p50 {s['ttft_p50_s']} s  ({s['requests']} requests)\n"
-          f"{c['clients']} clients: {c['tokens_per_s']:8.1f} tok/s  TTFT p50 {c['ttft_p50_s']} s  p90 {c['ttft_p90_s']} s"
+          f"{c['clients']} clients: {c['tokens_per_s']:8.1f} tok/s  TTFT p50 {c['ttft_p50_s']} s  "
+          f"p90 {c['ttft_p90_s']} s"
           f"  ({c['requests']} requests, mean decode batch {c['mean_decode_batch']})\n"
           f"speedup  : {results['speedup']}x   failed requests: {failed}\n"
           f"leak     : {lk['requests']} requests, RSS {lk['rss_warm_mib']} -> {lk['rss_end_mib']} MiB "

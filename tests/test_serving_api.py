@@ -275,7 +275,8 @@ def test_api_key(llama):
         assert r.status_code == 401
         assert httpx.get(url + "/health").status_code == 200  # probes need no key
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret-key", max_retries=0)
-        assert good.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=0).usage.completion_tokens == 2
+        r = good.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens == 2
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.completions.create(model="tiny", prompt="x", max_tokens=2)

@@ -145,7 +145,8 @@ class Metrics:
             out += self.ttft.lines("codellama_time_to_first_token_seconds")
             counters = [("prompt_tokens_total", "Prompt tokens of finished requests.", self.prompt_tokens),
                         ("completion_tokens_total", "Tokens generated for finished requests.", self.completion_tokens),
-                        ("rejected_busy_total", "Requests answered 503 because the queue was full.", self.rejected_busy)]
+                        ("rejected_busy_total", "Requests answered 503 because the queue was full.",
+                         self.rejected_busy)]
         counters += [("engine_steps_total", "Batched decode steps.", s.steps),
                      ("engine_prefills_total", "Prompts prefilled.", s.prefills),
                      ("engine_generated_tokens_total", "Tokens generated (all sequences).", s.generated_tokens),

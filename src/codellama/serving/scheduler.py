@@ -135,7 +135,8 @@ class Engine:
         if not isinstance(max_queue, int) or max_queue < 0:
             raise CodeLlamaError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1 or prefill_chunk % PREFILL_BUCKET:
-            raise CodeLlamaError(f"prefill_chunk must be a positive multiple of {PREFILL_BUCKET}, got {prefill_chunk!r}")
+            raise CodeLlamaError(f"prefill_chunk must be a positive multiple of {PREFILL_BUCKET}, "
+                                 f"got {prefill_chunk!r}")
         self.llama = llama
         self.model = llama.model
         c = self.model.config
