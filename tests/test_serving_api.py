@@ -90,6 +90,13 @@ def test_openai_completions_streaming_and_infilling_equal_the_library(client, ll
                                        stream=True)
     assert "".join(c.choices[0].text for c in chunks) == want.text
 
+    # A list of prompts gives one choice each, in order; token ids are a prompt as well.
+    ids = llama.tokenizer.encode(PROMPTS[4], bos=True)
+    r = client.completions.create(model="tiny", prompt=[PROMPTS[4], PROMPTS[5]], max_tokens=8, temperature=0)
+    assert [c.text for c in r.choices] == [w.text for w in llama.complete(PROMPTS[4:6], max_new_tokens=8)]
+    r2 = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert r2.choices[0].text == r.choices[0].text and r2.usage.prompt_tokens == len(ids)
+
     want = llama.complete(PROMPTS[1], max_new_tokens=40, stop=["e", "\n"])
     r = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=40, temperature=0, stop=["e", "\n"])
     assert r.choices[0].text == want.text and r.choices[0].finish_reason == want.finish_reason == "stop"
