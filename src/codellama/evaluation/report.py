@@ -228,7 +228,9 @@ def plot_metric_vs_size(data: dict, path: str | Path) -> Path:
     order = sorted(range(len(params)), key=lambda i: params[i] or 0)
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in data["rows"]:
-        if row["metric"] in ("problems", "samples") or row["metric"].startswith("prompts_"):
+        metric = row["metric"]
+        if metric in ("problems", "samples") or metric.startswith("prompts_") or metric.endswith("_lines") \
+                or "empty" in metric:  # counts, per-size breakdowns and baselines stay in the table only
             continue
         pts = [(params[i], row["values"][i]) for i in order if params[i] and row["values"][i] is not None]
         if pts and all(0.0 <= v <= 1.0 for _, v in pts):
