@@ -242,6 +242,7 @@ class Engine:
             cos, sin = rope_angles(torch.arange(self.context, device=self._device).unsqueeze(0), c.head_dim,
                                    c.rope_theta)
             self._rope = (cos[0], sin[0])
+            dec, dec_checked = None, 0.0
             while True:
                 with self._cv:
                     while not self._stop and not self._waiting and not self._rows:
@@ -250,7 +251,10 @@ class Engine:
                         return
                     admitted = self._take_newcomers()
                 try:
-                    dec = decoder_for(self.model, self.pack)
+                    # decoder_for checks every weight's version (a model updated in place needs a new packed
+                    # copy); a served model does not change, so that check runs once a second, not per step.
+                    if dec is None or time.monotonic() - dec_checked > 1.0:
+                        dec, dec_checked = decoder_for(self.model, self.pack), time.monotonic()
                 except Exception as e:  # cannot build the forward at all: fail the newcomers, retry next time
                     self.stats.errors += 1
                     with self._cv:
