@@ -417,3 +417,14 @@ def test_real_vocabulary_infilling_and_chat_equal_the_library(real_tokenizer_pat
         body = {"input_prefix": prefix, "input_suffix": suffix, "n_predict": 12, "temperature": 0}
         assert httpx.post(url + "/infill", json=body).json()["content"] == llama.infill(prefix, suffix,
                                                                                          max_new_tokens=12).text
+
+
+def test_step_chat_format_equals_the_library(tiny_step_tokenizer_path):
+    # A tokenizer with <step> means the 70B-Instruct format; the reply stops at <step>.
+    llama = CodeLlama(_model(), Tokenizer(tiny_step_tokenizer_path), name="step")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse a string."}]
+    want = llama.chat(messages, max_new_tokens=16)
+    with running_server(create_app(llama, max_batch_size=1, threads=1)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="step", messages=messages, max_tokens=16, temperature=0)
+    assert r.choices[0].message.content == want.text and r.usage.prompt_tokens == want.prompt_tokens
