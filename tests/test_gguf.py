@@ -329,3 +329,22 @@ def test_gguf_quantized_on_load_equals_quantized_after(tmp_path, checkpoint, mod
     assert sum(isinstance(m, QuantLinear) for m in streamed.model.modules()) == 15
     tokens = full.tokenizer.encode(PROMPT, bos=True)
     assert torch.equal(streamed.logits(tokens), full.logits(tokens))
+
+
+def test_llamacpp_runs_our_export_greedy_equal(tmp_path, checkpoint):
+    """llama.cpp itself loads the exported file and its greedy tokens equal ours (where llama-cpp-python is
+    installed: pip install llama-cpp-python)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = convert(checkpoint, tmp_path / "m.gguf", to="gguf", outtype="f32")
+    ours = load(checkpoint, device="cpu", dtype="float32")
+    prompt = ours.tokenizer.encode(PROMPT, bos=True)
+    want = ours.complete(PROMPT, max_new_tokens=16).tokens
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, logits_all=False, verbose=False)
+    assert llm.tokenize(PROMPT.encode(), add_bos=True) == prompt  # its tokenizer, from our metadata
+    llm.eval(prompt)
+    got = []
+    for _ in range(len(want)):
+        tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+        got.append(tok)
+        llm.eval([tok])
+    assert got == want
