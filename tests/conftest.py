@@ -25,6 +25,16 @@ def _corpus_texts(n_files: int = 60) -> list[str]:
     return texts
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: OpenMP threads only add contention on a shared 2-core CPU (steps up to 30x slower);
+    # subprocesses started by CLI tests get OMP_NUM_THREADS=1 for the same reason.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_path(tmp_path_factory) -> Path:
     """A 512-piece BPE model with byte fallback and the four FIM pieces."""

@@ -15,14 +15,6 @@ from codellama.checkpoint import save_checkpoint
 from codellama.model import Transformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The in-process reference runs use one thread, like the subprocesses (OMP_NUM_THREADS=1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_tokenizer_path, tiny_nofim_tokenizer_path):

@@ -16,14 +16,6 @@ from codellama.model import Transformer
 from codellama.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: OpenMP threads only add contention on a shared CPU (30x slower steps on 2 busy cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def _greedy_by_recompute(model: Transformer, prompt: list[int], n: int) -> list[int]:

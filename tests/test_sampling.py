@@ -12,14 +12,6 @@ from codellama.sampling import (SamplingParams, filtered_probs, make_generator, 
                                 token_logprobs, validate_sampling)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: OpenMP threads only add contention on a shared CPU (30x slower steps on 2 busy cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 @pytest.mark.parametrize("kwargs, word", [

@@ -29,13 +29,6 @@ def llama(tiny_tokenizer_path) -> CodeLlama:
     return CodeLlama(model, Tokenizer(tiny_tokenizer_path), name="tiny")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _run(engine: Engine, llama, prompt: str, **kwargs) -> list:
     sink = QueueSink()
