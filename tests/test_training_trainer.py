@@ -36,7 +36,8 @@ def base(corpus_dir, tmp_path_factory) -> TrainConfig:
     return TrainConfig(name="t", out_dir=str(work / "t"), data_dir=str(work / "data"), corpus=[str(corpus_dir)],
                        vocab_size=384, seq_len=32, doc_chars=200, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                        batch_size=8, lr=5e-3, warmup_steps=3, max_steps=16, eval_interval=8, eval_batches=4,
-                       ckpt_interval=4, log_interval=1, num_threads=1, progress=False, seed=3)
+                       ckpt_interval=4, log_interval=1, num_threads=1, progress=False, seed=3,
+                       precision="fp32")  # identical numbers on every CPU, with or without native bf16
 
 
 def quiet(_msg: str) -> None:
@@ -77,6 +78,29 @@ def test_schedule_and_weight_decay_groups(base):
                                                   id(model.layers[0].attention_norm.weight),
                                                   id(model.layers[0].ffn_norm.weight)}
     assert decay["betas"] == (0.9, 0.95)
+
+
+def test_bf16_mixed_precision_trains_and_auto_follows_the_hardware(base, monkeypatch):
+    from codellama.training import trainer as trainer_module
+    config = replace(base, out_dir=base.out_dir + "-bf16", precision="bf16", max_steps=24, eval_interval=12)
+    summary = train(config, log=quiet)
+    log = read_log(config.out_dir)
+    assert summary["precision"] == "bf16"
+    assert log[-1]["loss"] < log[0]["loss"] - 0.8
+    # Weights stay float32 (autocast is mixed precision); the export loads like any checkpoint.
+    trained = model_from_run(config.out_dir)
+    assert all(p.dtype == torch.float32 for p in trained.parameters())
+    fp32 = train(replace(config, out_dir=base.out_dir + "-fp32", precision="fp32"), log=quiet)
+    assert fp32["precision"] == "fp32"
+    assert abs(fp32["final_train_loss"] - summary["final_train_loss"]) < 0.3  # same run, rounding apart
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: False)
+    assert trainer_module.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: True)
+    assert trainer_module.resolve_precision("auto", cpu) == "bf16"
+    assert trainer_module.resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(CodeLlamaError, match="precision must be"):
+        replace(base, precision="fp16")
 
 
 def test_kill_and_resume_gives_the_same_curve(base):
