@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from codellama.errors import CodeLlamaError
 from codellama.training.corpus import CorpusConfig, build_corpus, read_split, split_of, write_corpus
-from codellama.training.data import get_batch, num_sequences, sequence_indices, unigram_cross_entropy
+from codellama.training.data import (get_batch, num_sequences, sequence_indices, sequence_starts,
+                                     unigram_cross_entropy)
 
 GOOD = "def f(x):\n    \"\"\"Add one.\"\"\"\n    return x + 1\n\n\nclass A:\n    pass\n"
 
@@ -73,13 +75,33 @@ def test_packed_batches_and_deterministic_shuffle():
     tokens = np.arange(1001, dtype=np.uint16)
     n = num_sequences(len(tokens), 10)
     assert n == 100
-    x, y = get_batch(tokens, [0, 3], 10)
+    assert sequence_starts(tokens, 10).tolist() == list(range(0, 1000, 10))
+    x, y = get_batch(tokens, [0, 30], 10)
     assert x.tolist()[1] == list(range(30, 40)) and y.tolist()[1] == list(range(31, 41))
     first_epoch = sequence_indices(0, n, n, seed=1)
     assert sorted(first_epoch) == list(range(n))  # every sequence exactly once per epoch
     assert sequence_indices(0, n, n, seed=1) == first_epoch
     assert sequence_indices(n, n, n, seed=1) != first_epoch  # a fresh order each epoch
     assert sequence_indices(37, 5, n, seed=1) == first_epoch[37:42]  # position alone decides: exact resume
+
+
+def test_document_aligned_windows_start_at_documents():
+    bos = 1
+    # documents of 4, 7, 3, 12 (longer than a window) and 5 tokens; window 6 (+1 target)
+    docs = [4, 7, 3, 12, 5]
+    tokens = np.concatenate([[bos] + [9] * (n - 1) for n in docs]).astype(np.uint16)
+    doc_at = [0, 4, 11, 14, 26]
+    starts = sequence_starts(tokens, 6, bos_id=bos).tolist()
+    # 0: doc 0 whole + the start of doc 1, which the next window repeats from its start; doc 1 (7) is longer than
+    # a window: it continues at 10, a window that also holds doc 2 whole and the start of doc 3 -> 14; doc 3 (12)
+    # fills 14 and continues at 20; the window at 26 would need 26 + 7 > 31 tokens: the end.
+    assert starts == [0, 4, 10, 14, 20]
+    assert tokens.size == 31
+    for s in starts:
+        assert s in doc_at or s - 6 in starts  # a document start, or the continuation of a long document
+    x, y = get_batch(tokens, starts, 6)
+    assert x.shape == (5, 6) and torch.equal(x[:, 1:], y[:, :-1])
+    assert all(tokens[s] == bos for s in starts if s in doc_at)
 
 
 def test_unigram_baseline_is_entropy_of_frequencies():

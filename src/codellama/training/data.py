@@ -2,6 +2,12 @@
 sequences in a deterministic shuffled order that is a pure function of (seed, position) — which is what makes
 resuming exact: the data position is just the number of sequences consumed.
 
+Sequences start at document starts (``bos``): a window holds whole documents and the beginning of the next one,
+which the following window repeats from its start. Every token therefore sees its document's beginning, and for
+an infilling document that is where the format is: ``[PRE, SUF]`` (SPM) or ``[PRE] prefix [SUF]`` (PSM). Cut
+anywhere, about half of the ``MID`` positions of short documents would not see which format they are in, and a
+small model then learns the average of the two — in PSM it starts the middle with SPM's dummy-prefix space.
+
 Files are cut at line boundaries into pieces of at most ``doc_chars`` characters before the FIM transform, so
 that a transformed piece (prompt, middle and EOT) fits in one training sequence; a 60k-token file split at two
 points would otherwise put ``PRE``, ``SUF`` and ``MID`` thousands of tokens apart, beyond any tiny model's window.
@@ -160,6 +166,23 @@ def num_sequences(n_tokens: int, seq_len: int) -> int:
     return max(0, (n_tokens - 1) // seq_len)
 
 
+def sequence_starts(tokens: np.ndarray, seq_len: int, bos_id: int | None = None) -> np.ndarray:
+    """Token offsets of the training windows (``seq_len`` inputs + 1 target each). Without ``bos_id``: back to
+    back. With it: each window starts where the last document that it cuts begins (so that document is seen again
+    whole, from its start, in the next window); a document longer than a window continues where the window ends."""
+    n = len(tokens)
+    if bos_id is None:
+        return np.arange(num_sequences(n, seq_len), dtype=np.int64) * seq_len
+    doc_starts = np.flatnonzero(np.asarray(tokens) == bos_id)
+    starts, s = [], int(doc_starts[0]) if len(doc_starts) else 0
+    while s + seq_len + 1 <= n:
+        starts.append(s)
+        end = s + seq_len
+        j = int(np.searchsorted(doc_starts, end, side="right")) - 1
+        s = int(doc_starts[j]) if j >= 0 and doc_starts[j] > s else end
+    return np.asarray(starts, dtype=np.int64)
+
+
 @lru_cache(maxsize=4)
 def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -176,10 +199,10 @@ def sequence_indices(position: int, count: int, n_seq: int, seed: int, shuffle: 
     return out
 
 
-def get_batch(tokens: np.ndarray, indices: Iterable[int], seq_len: int,
+def get_batch(tokens: np.ndarray, starts: Iterable[int], seq_len: int,
               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets ``[B, seq_len]`` (int64) for the given sequence indices."""
-    rows = np.stack([np.asarray(tokens[i * seq_len: i * seq_len + seq_len + 1], dtype=np.int64) for i in indices])
+    """Inputs and next-token targets ``[B, seq_len]`` (int64) of the windows at token offsets ``starts``."""
+    rows = np.stack([np.asarray(tokens[s: s + seq_len + 1], dtype=np.int64) for s in starts])
     batch = torch.from_numpy(rows)
     if torch.device(device).type == "cuda":
         batch = batch.pin_memory().to(device, non_blocking=True)
@@ -191,4 +214,5 @@ def epochs_for(position: int, n_seq: int) -> float:
 
 
 __all__ = ["DataConfig", "prepare_data", "load_tokens", "get_batch", "sequence_indices", "num_sequences",
+           "sequence_starts",
            "segment_text", "tokenize_documents", "unigram_cross_entropy", "read_split"]

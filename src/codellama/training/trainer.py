@@ -30,7 +30,7 @@ from ..errors import CodeLlamaError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .corpus import CorpusConfig
-from .data import (DataConfig, get_batch, load_tokens, num_sequences, prepare_data, sequence_indices)
+from .data import DataConfig, get_batch, load_tokens, prepare_data, sequence_indices, sequence_starts
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -49,6 +49,7 @@ class TrainConfig:
     fim_spm_rate: float = 0.5
     doc_chars: int = 1200
     data_passes: int = 1
+    align_documents: bool = True  # windows start at document starts (see data.py); False: back to back
     # ---- model (ignored when init_from is set, except rope_theta and seq_len)
     dim: int = 256
     n_layers: int = 6
@@ -214,17 +215,18 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer,
 
 @torch.no_grad()
 def evaluate_loss(model: Transformer, tokens: np.ndarray, seq_len: int, batch_size: int, batches: int,
-                  device: torch.device, autocast=contextlib.nullcontext) -> float:
-    """Mean next-token loss over the first ``batches × batch_size`` sequences of ``tokens`` (a fixed set)."""
-    n_seq = num_sequences(len(tokens), seq_len)
-    count = min(n_seq, batches * batch_size)
+                  device: torch.device, autocast=contextlib.nullcontext, bos_id: int | None = None) -> float:
+    """Mean next-token loss over the first ``batches × batch_size`` windows of ``tokens`` (a fixed set); windows
+    start at documents when ``bos_id`` is given, as in training."""
+    starts = sequence_starts(tokens, seq_len, bos_id)
+    count = min(len(starts), batches * batch_size)
     if count == 0:
         raise CodeLlamaError(f"validation split has fewer than {seq_len + 1} tokens")
     was_training = model.training
     model.eval()
     losses = []
-    for start in range(0, count, batch_size):
-        x, y = get_batch(tokens, range(start, min(count, start + batch_size)), seq_len, device)
+    for first in range(0, count, batch_size):
+        x, y = get_batch(tokens, starts[first:min(count, first + batch_size)], seq_len, device)
         with autocast():
             logits = model(x)
         losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item())
@@ -232,7 +234,6 @@ def evaluate_loss(model: Transformer, tokens: np.ndarray, seq_len: int, batch_si
     return sum(losses) / (count * seq_len)
 
 
-# ---- checkpoints -------------------------------------------------------------------------------------------
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -329,7 +330,9 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
     tokenizer = Tokenizer(tok_path)
     train_tokens = load_tokens(data_dir / "train.bin", tokenizer.n_words)
     val_tokens = load_tokens(data_dir / "val.bin", tokenizer.n_words)
-    n_seq = num_sequences(len(train_tokens), config.seq_len)
+    bos_id = tokenizer.bos_id if config.align_documents else None
+    starts = sequence_starts(train_tokens, config.seq_len, bos_id)
+    n_seq = len(starts)
 
     ckpt_path = out / "ckpt.pt"
     log_path = out / "log.jsonl"
@@ -365,8 +368,9 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
     precision = resolve_precision(config.precision, device)
     autocast = lambda: autocast_for(device, precision)  # noqa: E731
     n_params = model.config.num_params()
+    packing = "document-aligned" if bos_id is not None else "back-to-back"
     log(f"{config.name}: {n_params / 1e6:.2f}M parameters, {len(train_tokens):,} train tokens "
-        f"({n_seq:,} sequences of {config.seq_len}), {config.tokens_per_step:,} tokens/step, "
+        f"({n_seq:,} {packing} sequences of {config.seq_len}), {config.tokens_per_step:,} tokens/step, "
         f"{config.max_steps} steps, device {device}, {precision}")
     stop = min(config.max_steps, until_step) if until_step is not None else config.max_steps
     bar = _progress(config, step, stop)
@@ -382,7 +386,7 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
             for _ in range(config.grad_accum):
                 idx = sequence_indices(position, config.batch_size, n_seq, config.seed)
                 position += config.batch_size
-                micro.append(get_batch(train_tokens, idx, config.seq_len, device))
+                micro.append(get_batch(train_tokens, starts[idx], config.seq_len, device))
             t0 = time.time()
             loss, norm = train_step(model, optimizer, micro, config.grad_clip, autocast)
             dt = time.time() - t0
@@ -394,7 +398,7 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
                       "step_s": round(dt, 4), "tokens_per_s": round(tok_s, 1)}
             if step % config.eval_interval == 0 or step == config.max_steps:
                 record["val_loss"] = round(evaluate_loss(model, val_tokens, config.seq_len, config.batch_size,
-                                                         config.eval_batches, device, autocast), 5)
+                                                         config.eval_batches, device, autocast, bos_id), 5)
                 best_val = min(best_val, record["val_loss"])
             last = record
             if step % config.log_interval == 0 or "val_loss" in record or step == stop:
