@@ -52,3 +52,28 @@ def test_truncation_at_the_function_end():
     assert truncate_function(prompt, "\n    y = [1,\n         2]\n    return (y") == "\n    y = [1,\n         2]\n"
     assert parses(prompt + truncate_function(prompt, "\n    y = [1,\n         2]\n    return (y"))
     assert not parses(prompt + "\n\n")
+
+
+def test_infilling_scores_exact_and_indentation_blind_matches(tiny_tokenizer_path):
+    from types import SimpleNamespace
+
+    from codellama.tokenizer import Tokenizer
+    from codellama.training.evaluate_default import InfillCase, evaluate_infilling
+
+    answers = {"a": "    return x\n    more", "b": "     return y", "c": "pass"}  # exact, one space off, wrong
+    seen = []
+
+    def infill(prefixes, suffixes, max_new_tokens, suffix_first):
+        seen.append(suffix_first)
+        return [SimpleNamespace(text=answers[p]) for p in prefixes]
+
+    llama = SimpleNamespace(tokenizer=Tokenizer(tiny_tokenizer_path), config=SimpleNamespace(max_seq_len=512),
+                            infill=infill)
+    cases = [InfillCase("m.py", "a", "    return x", "\n"), InfillCase("m.py", "b", "    return y", "\n"),
+             InfillCase("m.py", "c", "    return z", "\n")]
+    psm = evaluate_infilling(llama, cases)
+    assert (psm["format"], psm["cases"]) == ("psm", 3)
+    assert psm["exact_match"] == 1 / 3 and psm["match_ignoring_indentation"] == 2 / 3
+    assert [e["exact"] for e in psm["examples"]] == [True, False, False]
+    spm = evaluate_infilling(llama, cases, suffix_first=True)
+    assert spm["format"] == "spm" and seen == [False, True]

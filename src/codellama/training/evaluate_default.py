@@ -4,9 +4,10 @@
 
 1. Validation loss (nats/token) on the validation split, as trained (FIM mixture) and plain left-to-right,
    next to the unigram baseline (train-split token frequencies) on the same tokens.
-2. Single-line infilling: one non-blank line of a held-out file is masked; PSM prompt with up to
-   ``prefix_chars`` before and ``suffix_chars`` after (cut at line boundaries); greedy; exact match when the
-   first generated line equals the masked line (trailing whitespace ignored, indentation must match).
+2. Single-line infilling: one non-blank line of a held-out file is masked; PSM prompt (and, reported next to
+   it, SPM) with up to ``prefix_chars`` before and ``suffix_chars`` after (cut at line boundaries); greedy; exact
+   match when the first generated line equals the masked line (trailing whitespace ignored, indentation must
+   match). Also reported: the match rate ignoring indentation, which separates wrong content from wrong spacing.
 3. Function completion: the signature (``def`` header, dedented) of held-out functions is the prompt; greedy
    completion is truncated at the function's end (the first non-blank line at column 0), or at its last
    complete line if it runs out of tokens; success when signature + body parses with ``ast.parse``.
@@ -127,19 +128,23 @@ def fit_case(llama: CodeLlama, case: InfillCase, max_new_tokens: int) -> InfillC
 
 
 def evaluate_infilling(llama: CodeLlama, cases: list[InfillCase], batch_size: int = 16,
-                       max_new_tokens: int = 40) -> dict:
-    hits, examples = 0, []
+                       max_new_tokens: int = 40, suffix_first: bool = False) -> dict:
+    hits, content_hits, examples = 0, 0, []
     cases = [fit_case(llama, c, max_new_tokens) for c in cases]
     for start in range(0, len(cases), batch_size):
         chunk = cases[start:start + batch_size]
-        outs = llama.infill([c.prefix for c in chunk], [c.suffix for c in chunk], max_new_tokens=max_new_tokens)
+        outs = llama.infill([c.prefix for c in chunk], [c.suffix for c in chunk], max_new_tokens=max_new_tokens,
+                            suffix_first=suffix_first)
         for case, out in zip(chunk, outs):
             predicted = out.text.split("\n")[0].rstrip()
             ok = predicted == case.line.rstrip()
             hits += ok
+            content_hits += predicted.strip() == case.line.strip()
             if len(examples) < 8:
                 examples.append({"path": case.path, "line": case.line, "predicted": predicted, "exact": ok})
-    return {"cases": len(cases), "exact_match": hits / max(1, len(cases)), "examples": examples}
+    n = max(1, len(cases))
+    return {"cases": len(cases), "format": "spm" if suffix_first else "psm", "exact_match": hits / n,
+            "match_ignoring_indentation": content_hits / n, "examples": examples}
 
 
 def evaluate_functions(llama: CodeLlama, prompts: list[str], max_new_tokens: int = 160) -> dict:
@@ -182,7 +187,9 @@ def evaluate(model: str | None = None, cases: int = 500, functions: int = 20, se
     result = {"model": model or "default", "params": llama.config.num_params(),
               "corpus": {"heldout_files": stats.files["heldout"], "val_files": stats.files["val"]}}
     result["loss"] = evaluate_losses(llama, splits, seq_len)
-    result["infilling"] = evaluate_infilling(llama, infill_cases(splits["heldout"], cases, seed))
+    masked = infill_cases(splits["heldout"], cases, seed)
+    result["infilling"] = evaluate_infilling(llama, masked)
+    result["infilling_spm"] = evaluate_infilling(llama, masked, suffix_first=True)
     result["functions"] = evaluate_functions(llama, function_prompts(splits["heldout"], functions, seed))
     t1 = time.time()
     llama.complete("def fibonacci(n):", max_new_tokens=64)
@@ -205,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(args.model, args.cases, args.functions, args.seed)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    short = {k: v for k, v in result.items() if k not in ("infilling", "functions")}
-    short["infilling_exact_match"] = result["infilling"]["exact_match"]
+    short = {k: v for k, v in result.items() if k not in ("infilling", "infilling_spm", "functions")}
+    for key in ("infilling", "infilling_spm"):
+        short[f"{key}_exact_match"] = result[key]["exact_match"]
+        short[f"{key}_match_ignoring_indentation"] = result[key]["match_ignoring_indentation"]
     short["function_parse_rate"] = result["functions"]["parse_rate"]
     print(json.dumps(short, indent=2))
     return 0
