@@ -214,5 +214,4 @@ def epochs_for(position: int, n_seq: int) -> float:
 
 
 __all__ = ["DataConfig", "prepare_data", "load_tokens", "get_batch", "sequence_indices", "num_sequences",
-           "sequence_starts",
-           "segment_text", "tokenize_documents", "unigram_cross_entropy", "read_split"]
+           "sequence_starts", "segment_text", "tokenize_documents", "unigram_cross_entropy", "read_split"]
