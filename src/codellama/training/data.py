@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -207,10 +206,6 @@ def get_batch(tokens: np.ndarray, starts: Iterable[int], seq_len: int,
     if torch.device(device).type == "cuda":
         batch = batch.pin_memory().to(device, non_blocking=True)
     return batch[:, :-1], batch[:, 1:]
-
-
-def epochs_for(position: int, n_seq: int) -> float:
-    return position / n_seq if n_seq else math.inf
 
 
 __all__ = ["DataConfig", "prepare_data", "load_tokens", "get_batch", "sequence_indices", "num_sequences",

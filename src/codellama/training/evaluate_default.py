@@ -34,7 +34,7 @@ import torch
 from ..api import CodeLlama, load
 from ..formats import infilling_tokens
 from .corpus import CorpusConfig, Document, build_corpus
-from .data import load_tokens, tokenize_documents, unigram_cross_entropy
+from .data import load_tokens, num_sequences, tokenize_documents, unigram_cross_entropy
 from .fim import FIMConfig
 from .trainer import evaluate_loss
 
@@ -170,7 +170,7 @@ def evaluate_losses(llama: CodeLlama, splits: dict[str, list[Document]], seq_len
             tokenize_documents(tok, splits["val"], tmp / f"{name}.bin", fim=fim, doc_chars=doc_chars, passes=1,
                                seed=seed)
             val = load_tokens(tmp / f"{name}.bin", tok.n_words)
-            n_seq = (len(val) - 1) // seq_len
+            n_seq = num_sequences(len(val), seq_len)
             loss = evaluate_loss(llama.model, val, seq_len, 8, (n_seq + 7) // 8, llama.device)
             used = np.asarray(val[: n_seq * seq_len + 1])[1:]
             out[name] = {"val_loss": loss, "unigram_loss": unigram_cross_entropy(train, used, tok.n_words),
