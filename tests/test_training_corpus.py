@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from codellama.errors import CodeLlamaError
-from codellama.training.corpus import CorpusConfig, build_corpus, read_split, split_of, write_corpus
+from codellama.training.corpus import (CorpusConfig, build_corpus, is_permissive, read_split, split_of,
+                                       write_corpus)
 from codellama.training.data import (get_batch, num_sequences, sequence_indices, sequence_starts,
                                      unigram_cross_entropy)
 
@@ -69,6 +70,68 @@ def test_split_is_deterministic_by_path(tmp_path):
 def test_missing_directory_is_a_user_error(tmp_path):
     with pytest.raises(CodeLlamaError, match="corpus directory not found"):
         build_corpus(CorpusConfig(roots=[str(tmp_path / "nope")]))
+
+
+def test_permissive_licence_check():
+    for licence in ("MIT", "BSD License", "BSD-3-Clause AND 0BSD AND MIT AND Zlib AND CC0-1.0",
+                    "Apache-2.0 AND Apache-2.0 WITH LLVM-exception AND BSD-2-Clause", "Apache 2.0 License",
+                    "Python Software Foundation License", "MIT OR Apache-2.0", "MIT-CMU"):
+        assert is_permissive(licence), licence
+    for licence in ("", "MPL-2.0", "GPL-3.0-or-later", "LGPL-2.1", "Proprietary", "MIT AND Proprietary",
+                    "Public Domain AND BSD License AND GNU General Public License (GPL)"):
+        assert not is_permissive(licence), licence
+
+
+def _install_fake_package(site, name, licence_line, version="1.2.3"):
+    """A package directory plus the dist-info metadata pip would write for it."""
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text(GOOD)
+    (site / name / "core.py").write_text(GOOD.replace("f(", "core("))
+    (site / name / "_vendor").mkdir()
+    (site / name / "_vendor" / "other.py").write_text(GOOD.replace("f(", "vendored("))  # someone else's code
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.4\nName: {name}\nVersion: {version}\n{licence_line}\n")
+    (info / "top_level.txt").write_text(name + "\n")
+
+
+def test_package_roots_record_licence_and_refuse_copyleft(tmp_path, monkeypatch):
+    import importlib
+
+    _install_fake_package(tmp_path, "okpkg", "License-Expression: MIT")
+    _install_fake_package(tmp_path, "gplpkg", "Classifier: License :: OSI Approved :: GNU General Public License (GPL)")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    splits, stats = build_corpus(CorpusConfig(roots=["package:okpkg"]))
+    paths = sorted(d.path for docs in splits.values() for d in docs)
+    assert paths == ["okpkg/__init__.py", "okpkg/core.py"]  # _vendor/ is not collected
+    assert stats.sources == [{"name": "okpkg", "path": str(tmp_path / "okpkg"), "distribution": "okpkg",
+                              "version": "1.2.3", "licence": "MIT", "files": 2}]
+    with pytest.raises(CodeLlamaError, match="gplpkg.*not one of the permissive licences"):
+        build_corpus(CorpusConfig(roots=["package:gplpkg"]))
+    with pytest.raises(CodeLlamaError, match="corpus package not installed"):
+        build_corpus(CorpusConfig(roots=["package:no_such_package_here"]))
+
+
+def test_near_copies_of_heldout_files_leave_training(tmp_path):
+    config = CorpusConfig(roots=[str(tmp_path / "src")], heldout_fraction=0.3, val_fraction=0.0)
+    names = [f"m{i}.py" for i in range(40)]
+    heldout = next(n for n in names if split_of(f"src/{n}", config) == "heldout")
+    train = [n for n in names if split_of(f"src/{n}", config) == "train"][:3]
+    body = "".join(f"def function_number_{i}(argument):\n    return argument * {i} + {i * i} + len(str(argument))\n\n"
+                   for i in range(8))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / heldout).write_text(body)
+    (tmp_path / "src" / train[0]).write_text(body.replace("* 3 +", "* 33 +"))  # a near-copy: 15 of 16 lines
+    (tmp_path / "src" / train[1]).write_text(body.replace("argument", "value"))  # every line differs
+    (tmp_path / "src" / train[2]).write_text(GOOD)
+    splits, stats = build_corpus(config)
+    kept = {d.path for split in ("train", "val") for d in splits[split]}  # a tiny corpus lends one file to val
+    assert kept == {f"src/{train[1]}", f"src/{train[2]}"} and stats.near_heldout == 1
+    assert stats.files["train"] + stats.files["val"] == 2 and stats.kept == 3
+    splits, stats = build_corpus(CorpusConfig(roots=[str(tmp_path / "src")], heldout_fraction=0.3,
+                                              val_fraction=0.0, max_heldout_overlap=0))
+    assert len(splits["train"]) + len(splits["val"]) == 3 and stats.near_heldout == 0
 
 
 def test_packed_batches_and_deterministic_shuffle():

@@ -37,8 +37,9 @@ def test_infill_cases_mask_one_nonblank_line_with_its_context():
     assert infill_cases(docs, 5, seed=1) == infill_cases(docs, 5, seed=1)
 
 
-def test_function_prompts_are_dedented_headers():
-    prompts = function_prompts([Document("m.py", SOURCE)], 10)
+def test_function_prompts_are_module_functions_or_every_def_dedented():
+    assert function_prompts([Document("m.py", SOURCE)], 10) == ["def join(a, b):"]
+    prompts = function_prompts([Document("m.py", SOURCE)], 10, scope="any")
     assert sorted(prompts) == ["async def get(self):", "def __init__(self, value,\n             label=None):",
                                "def join(a, b):"]
 

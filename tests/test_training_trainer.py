@@ -154,17 +154,37 @@ def test_lcft_changes_theta_and_length_and_loads_back(base):
 
 
 def test_bundled_recipes_load_and_match_the_repository():
-    for name in ("tiny-pretrain", "tiny-lcft"):
+    for name in ("tiny-pretrain", "tiny-pretrain-wide", "tiny-lcft"):
         config = load_recipe(name)
         assert config.name == name
         if REPO_RECIPES.is_dir():
             assert (RECIPES_DIR / f"{name}.toml").read_text() == (REPO_RECIPES / f"{name}.toml").read_text()
-    pre, lcft = load_recipe("tiny-pretrain"), load_recipe("tiny-lcft")
-    assert (pre.rope_theta, lcft.rope_theta) == (10_000.0, 1_000_000.0)
-    assert lcft.seq_len == 4 * pre.seq_len
-    assert lcft.init_from == pre.out_dir and lcft.data_dir == pre.data_dir
+    pre, wide, lcft = load_recipe("tiny-pretrain"), load_recipe("tiny-pretrain-wide"), load_recipe("tiny-lcft")
+    # The cascade: each stage continues the previous one's run, with the first stage's tokenizer throughout.
+    assert wide.init_from == pre.out_dir and wide.tokenizer == f"{pre.out_dir}/tokenizer.model"
+    assert wide.corpus[0] == "stdlib" and all(root.startswith("package:") for root in wide.corpus[1:])
+    assert (pre.rope_theta, wide.rope_theta, lcft.rope_theta) == (10_000.0, 10_000.0, 1_000_000.0)
+    assert lcft.seq_len == 4 * pre.seq_len == 4 * wide.seq_len
+    assert lcft.init_from == wide.out_dir and lcft.data_config() == wide.data_config()  # one prepared data set
     assert (pre.fim_rate, pre.fim_spm_rate, pre.beta1, pre.beta2, pre.weight_decay, pre.grad_clip) == \
         (0.9, 0.5, 0.9, 0.95, 0.1, 1.0)
+
+
+def test_recipe_base_supplies_keys_the_recipe_does_not_set(tmp_path):
+    (tmp_path / "first.toml").write_text('name = "first"\n[data]\ncorpus = ["a", "b"]\nseq_len = 64\n'
+                                         '[optim]\nlr = 1e-3\nmax_steps = 7\n')
+    (tmp_path / "second.toml").write_text('base = "first.toml"\nname = "second"\n[optim]\nlr = 2e-4\n')
+    (tmp_path / "third.toml").write_text(f'base = "{tmp_path / "second.toml"}"\nname = "third"\nseq_len = 256\n')
+    third = load_recipe(tmp_path / "third.toml")
+    assert (third.name, third.corpus, third.seq_len, third.lr, third.max_steps) == ("third", ["a", "b"], 256, 2e-4, 7)
+    assert third.data_dir == "runs/data/third"  # derived defaults follow the recipe's own name
+    assert load_recipe(tmp_path / "second.toml", lr=0.5).lr == 0.5
+    (tmp_path / "loop.toml").write_text('base = "loop.toml"\nname = "loop"\n')
+    with pytest.raises(CodeLlamaError, match="nest more than 8 deep"):
+        load_recipe(tmp_path / "loop.toml")
+    (tmp_path / "orphan.toml").write_text('base = "missing-recipe"\n')
+    with pytest.raises(CodeLlamaError, match="recipe not found: missing-recipe"):
+        load_recipe(tmp_path / "orphan.toml")
 
 
 def test_bad_recipes_are_user_errors(tmp_path, capsys):

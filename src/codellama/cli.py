@@ -336,7 +336,8 @@ def cmd_chat(args) -> None:
 # ---- train -----------------------------------------------------------------------------------------------
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train with a recipe (code training with FIM, long-context fine-tuning)")
-    p.add_argument("recipe", help="a recipe .toml file or a bundled recipe name (tiny-pretrain, tiny-lcft)")
+    p.add_argument("recipe", help="a recipe .toml file or a bundled recipe name "
+                                     "(tiny-pretrain, tiny-pretrain-wide, tiny-lcft)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--out-dir", default=None, help="override the recipe's out_dir")
     p.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")

@@ -127,10 +127,8 @@ def find_recipe(name_or_path: str | Path) -> Path:
     raise CodeLlamaError(f"recipe not found: {name_or_path} (a .toml path or one of: {known})")
 
 
-def load_recipe(name_or_path: str | Path, **overrides: Any) -> TrainConfig:
-    """Read a TOML recipe. Sections (``[data]``, ``[model]``, ``[optim]``, ``[run]``) are for the reader only:
-    keys are the ``TrainConfig`` fields and must be unique across them."""
-    path = find_recipe(name_or_path)
+def _recipe_keys(path: Path, depth: int = 0) -> dict[str, Any]:
+    """The flat keys of a recipe file, on top of those of its ``base`` recipe (if it names one)."""
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -142,6 +140,23 @@ def load_recipe(name_or_path: str | Path, **overrides: Any) -> TrainConfig:
             if k in flat:
                 raise CodeLlamaError(f"{path}: key {k!r} given twice")
             flat[k] = v
+    base = flat.pop("base", None)
+    if base is None:
+        return flat
+    if depth >= 8:
+        raise CodeLlamaError(f"{path}: recipe bases nest more than 8 deep (a cycle?)")
+    beside = path.parent / str(base)
+    inherited = _recipe_keys(beside if beside.is_file() else find_recipe(base), depth + 1)
+    return {**inherited, **flat}
+
+
+def load_recipe(name_or_path: str | Path, **overrides: Any) -> TrainConfig:
+    """Read a TOML recipe. Sections (``[data]``, ``[model]``, ``[optim]``, ``[run]``) are for the reader only:
+    keys are the ``TrainConfig`` fields and must be unique across them. ``base = "other-recipe"`` starts from the
+    keys of another recipe (a path beside this one or a bundled name), which this one's keys override — how a
+    later stage shares an earlier stage's data settings without repeating them."""
+    path = find_recipe(name_or_path)
+    flat = _recipe_keys(path)
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(flat) - known)
     if unknown:
