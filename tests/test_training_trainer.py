@@ -163,6 +163,9 @@ def test_bundled_recipes_load_and_match_the_repository():
     # The cascade: each stage continues the previous one's run, with the first stage's tokenizer throughout.
     assert wide.init_from == pre.out_dir and wide.tokenizer == f"{pre.out_dir}/tokenizer.model"
     assert wide.corpus[0] == "stdlib" and all(root.startswith("package:") for root in wide.corpus[1:])
+    pinned = [line for line in (RECIPES_DIR / "tiny-pretrain-wide-corpus.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert len(pinned) == len(wide.corpus) - 1 and all("==" in line for line in pinned)  # one pin per package
     assert (pre.rope_theta, wide.rope_theta, lcft.rope_theta) == (10_000.0, 10_000.0, 1_000_000.0)
     assert lcft.seq_len == 4 * pre.seq_len == 4 * wide.seq_len
     assert lcft.init_from == wide.out_dir and lcft.data_config() == wide.data_config()  # one prepared data set

@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import platform
 import re
 import sysconfig
 from dataclasses import asdict, dataclass, field
@@ -117,7 +118,8 @@ def is_permissive(licence: str) -> bool:
 def package_source(import_name: str) -> Source:
     spec = importlib.util.find_spec(import_name)
     if spec is None or not spec.submodule_search_locations:
-        raise CodeLlamaError(f"corpus package not installed (or not a package): {import_name}")
+        raise CodeLlamaError(f"corpus package not installed (or not a package): {import_name}; install it or "
+                             "remove it from the recipe's corpus")
     path = Path(next(iter(spec.submodule_search_locations)))
     dists = importlib.metadata.packages_distributions().get(import_name)
     if not dists:
@@ -135,7 +137,7 @@ def resolve_roots(roots: Sequence[str]) -> list[Source]:
     out = []
     for root in roots:
         if root == "stdlib":
-            out.append(Source("stdlib", stdlib_dir(), "PSF-2.0", "python", sysconfig.get_python_version()))
+            out.append(Source("stdlib", stdlib_dir(), "PSF-2.0", "python", platform.python_version()))
             continue
         if root.startswith("package:"):
             out.append(package_source(root.split(":", 1)[1]))
