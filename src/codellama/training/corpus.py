@@ -115,13 +115,15 @@ def is_permissive(licence: str) -> bool:
     return all(ws & allowed for ws in words)
 
 
-def package_source(import_name: str) -> Source:
+def package_source(import_name: str, distributions: dict[str, list[str]]) -> Source:
+    """An installed package as a corpus source; ``distributions`` maps import names to distribution names
+    (``importlib.metadata.packages_distributions()``, which scans every installed distribution)."""
     spec = importlib.util.find_spec(import_name)
     if spec is None or not spec.submodule_search_locations:
         raise CodeLlamaError(f"corpus package not installed (or not a package): {import_name}; install it or "
                              "remove it from the recipe's corpus")
     path = Path(next(iter(spec.submodule_search_locations)))
-    dists = importlib.metadata.packages_distributions().get(import_name)
+    dists = distributions.get(import_name)
     if not dists:
         raise CodeLlamaError(f"corpus package {import_name}: no installed distribution metadata, so no licence")
     licence = package_licence(dists[0])
@@ -135,12 +137,15 @@ def resolve_roots(roots: Sequence[str]) -> list[Source]:
     """Each root: ``"stdlib"`` (this interpreter's standard library), ``"package:NAME"`` (an installed package with
     a permissive licence) or a directory (its licence is the user's to state)."""
     out = []
+    distributions: dict[str, list[str]] | None = None  # scanned once, and only if a package root asks for it
     for root in roots:
         if root == "stdlib":
             out.append(Source("stdlib", stdlib_dir(), "PSF-2.0", "python", platform.python_version()))
             continue
         if root.startswith("package:"):
-            out.append(package_source(root.split(":", 1)[1]))
+            if distributions is None:
+                distributions = importlib.metadata.packages_distributions()
+            out.append(package_source(root.split(":", 1)[1], distributions))
             continue
         path = Path(root).expanduser()
         if not path.is_dir():
