@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import sysconfig
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,29 +13,10 @@ import torch
 from codellama.checkpoint import load_model
 from codellama.cli import main
 from codellama.errors import CodeLlamaError
-from codellama.training.trainer import (RECIPES_DIR, TrainConfig, load_recipe, lr_at, make_optimizer,
+from codellama.training.trainer import (RECIPES_DIR, load_recipe, lr_at, make_optimizer,
                                         model_from_run, read_log, train)
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for f in sorted(stdlib.glob("*.py"))[:24]:
-        shutil.copyfile(f, root / f.name)
-    return root
-
-
-@pytest.fixture(scope="module")
-def base(corpus_dir, tmp_path_factory) -> TrainConfig:
-    work = tmp_path_factory.mktemp("runs")
-    return TrainConfig(name="t", out_dir=str(work / "t"), data_dir=str(work / "data"), corpus=[str(corpus_dir)],
-                       vocab_size=384, seq_len=32, doc_chars=200, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                       batch_size=8, lr=5e-3, warmup_steps=3, max_steps=16, eval_interval=8, eval_batches=4,
-                       ckpt_interval=4, log_interval=1, num_threads=1, progress=False, seed=3,
-                       precision="fp32")  # identical numbers on every CPU, with or without native bf16
 
 
 def quiet(_msg: str) -> None:

@@ -138,7 +138,12 @@ def prepare_data(config: DataConfig, data_dir: str | Path, log=print) -> dict:
         shutil.copyfile(src, tok_path)
     else:
         log(f"training a {config.vocab_size}-piece tokenizer on {stats.files['train']} files")
-        train_tokenizer((d.text for d in splits["train"]), tok_path, config.vocab_size)
+        try:
+            train_tokenizer((d.text for d in splits["train"]), tok_path, config.vocab_size)
+        except RuntimeError as e:  # sentencepiece: a vocabulary too small for the corpus's characters, or too big
+            reason = str(e).splitlines()[0].rsplit("] ", 1)[-1] if str(e) else type(e).__name__
+            raise CodeLlamaError(f"cannot train a {config.vocab_size}-piece tokenizer on this corpus: "
+                                 f"{reason[:200]}") from None
     tokenizer = Tokenizer(tok_path)
     fim = FIMConfig(config.fim_rate, config.fim_spm_rate)
     log("tokenising")

@@ -3,9 +3,10 @@
 Llama 2 / Code Llama optimisation (paper §2.5): AdamW β=(0.9, 0.95), weight decay 0.1 on weight matrices (not on
 RMSNorm gains nor the token embedding table), linear warm-up then cosine decay to peak/30, gradient clipping at
 1.0, gradient accumulation, bf16 autocast (mixed precision: float32 weights and optimizer state) on CUDA and on
-CPUs with native bf16 arithmetic. Checkpoints are written to a temporary file and renamed, so a
+CPUs with native bf16 arithmetic. Checkpoints (checkpointing.py) are written to a temporary file and renamed, so a
 kill at any moment leaves the previous checkpoint intact, and they hold everything that determines the rest of
-the run (weights, optimizer moments, step, data position, RNG states), so ``resume`` continues the same curve."""
+the run (weights, optimizer moments, step, data position, RNG states), so ``resume`` continues the same curve.
+Recipes (the ``TrainConfig`` and its validation) are in recipe.py."""
 
 from __future__ import annotations
 
@@ -13,11 +14,9 @@ import contextlib
 import json
 import math
 import os
-import random
 import sys
 import time
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,144 +28,12 @@ from ..config import ModelConfig
 from ..errors import CodeLlamaError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from .corpus import CorpusConfig
-from .data import DataConfig, get_batch, load_tokens, prepare_data, sequence_indices, sequence_starts
-
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-
-
-@dataclass
-class TrainConfig:
-    name: str = "run"
-    out_dir: str = ""  # default: runs/<name>
-    # ---- data
-    data_dir: str = ""  # prepared-data cache; default: runs/data/<name>
-    corpus: list[str] = field(default_factory=lambda: ["stdlib"])
-    tokenizer: str = ""  # existing tokenizer.model; empty: train one with vocab_size pieces
-    vocab_size: int = 4096
-    seq_len: int = 256
-    fim_rate: float = 0.9
-    fim_spm_rate: float = 0.5
-    doc_chars: int = 1200
-    data_passes: int = 1
-    align_documents: bool = True  # windows start at document starts (see data.py); False: back to back
-    # ---- model (ignored when init_from is set, except rope_theta and seq_len)
-    dim: int = 256
-    n_layers: int = 6
-    n_heads: int = 8
-    n_kv_heads: int = 0  # 0: no grouped-query attention
-    multiple_of: int = 32
-    ffn_dim_multiplier: float = 0.0  # 0: none
-    norm_eps: float = 1e-5
-    rope_theta: float = 10_000.0
-    init_from: str = ""  # a training run directory or a checkpoint directory to continue from (LCFT)
-    # ---- optimisation
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 0.0  # 0: lr / 30, as in the paper
-    warmup_steps: int = 100
-    max_steps: int = 1000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    # ---- bookkeeping
-    eval_interval: int = 100
-    eval_batches: int = 20
-    ckpt_interval: int = 100
-    log_interval: int = 10
-    seed: int = 1234
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 (bf16 autocast); auto: bf16 where the hardware has it natively
-    num_threads: int = 0  # 0: torch's default
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.out_dir = self.out_dir or f"runs/{self.name}"
-        self.data_dir = self.data_dir or f"runs/data/{self.name}"
-        for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "ckpt_interval",
-                    "log_interval", "eval_batches"):
-            if getattr(self, key) <= 0:
-                raise CodeLlamaError(f"recipe: {key} must be positive, got {getattr(self, key)}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise CodeLlamaError(f"recipe: precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if not 0 <= self.fim_rate <= 1 or not 0 <= self.fim_spm_rate <= 1:
-            raise CodeLlamaError("recipe: fim_rate and fim_spm_rate must be in [0, 1]")
-
-    @property
-    def final_lr(self) -> float:
-        return self.min_lr or self.lr / 30
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.seq_len
-
-    def data_config(self) -> DataConfig:
-        return DataConfig(corpus=CorpusConfig(roots=list(self.corpus)), tokenizer=self.tokenizer,
-                          vocab_size=self.vocab_size, fim_rate=self.fim_rate, fim_spm_rate=self.fim_spm_rate,
-                          doc_chars=self.doc_chars, passes=self.data_passes, seed=self.seed)
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
-                           n_kv_heads=self.n_kv_heads or None, vocab_size=vocab_size, multiple_of=self.multiple_of,
-                           ffn_dim_multiplier=self.ffn_dim_multiplier or None, norm_eps=self.norm_eps,
-                           rope_theta=self.rope_theta, max_seq_len=self.seq_len, name=self.name)
-
-
-# ---- recipes -----------------------------------------------------------------------------------------------
-def find_recipe(name_or_path: str | Path) -> Path:
-    """A recipe file path, or the name of a bundled recipe (``tiny-pretrain``)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for candidate in (RECIPES_DIR / f"{name_or_path}.toml", RECIPES_DIR / str(name_or_path)):
-        if candidate.is_file():
-            return candidate
-    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
-    raise CodeLlamaError(f"recipe not found: {name_or_path} (a .toml path or one of: {known})")
-
-
-def _recipe_keys(path: Path, depth: int = 0) -> dict[str, Any]:
-    """The flat keys of a recipe file, on top of those of its ``base`` recipe (if it names one)."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise CodeLlamaError(f"{path}: invalid TOML: {e}") from None
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        items = value.items() if isinstance(value, dict) else [(key, value)]
-        for k, v in items:
-            if k in flat:
-                raise CodeLlamaError(f"{path}: key {k!r} given twice")
-            flat[k] = v
-    base = flat.pop("base", None)
-    if base is None:
-        return flat
-    if depth >= 8:
-        raise CodeLlamaError(f"{path}: recipe bases nest more than 8 deep (a cycle?)")
-    beside = path.parent / str(base)
-    inherited = _recipe_keys(beside if beside.is_file() else find_recipe(base), depth + 1)
-    return {**inherited, **flat}
-
-
-def load_recipe(name_or_path: str | Path, **overrides: Any) -> TrainConfig:
-    """Read a TOML recipe. Sections (``[data]``, ``[model]``, ``[optim]``, ``[run]``) are for the reader only:
-    keys are the ``TrainConfig`` fields and must be unique across them. ``base = "other-recipe"`` starts from the
-    keys of another recipe (a path beside this one or a bundled name), which this one's keys override — how a
-    later stage shares an earlier stage's data settings without repeating them."""
-    path = find_recipe(name_or_path)
-    flat = _recipe_keys(path)
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(flat) - known)
-    if unknown:
-        raise CodeLlamaError(f"{path}: unknown recipe keys: {', '.join(unknown)}")
-    flat.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return TrainConfig(**flat)
-    except TypeError as e:
-        raise CodeLlamaError(f"{path}: {e}") from None
-
+from .checkpointing import (LATEST, PREVIOUS, clear_run_checkpoints, load_run_checkpoint,
+                            read_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state,
+                            truncate_log)  # noqa: F401 (read_log: part of this module's API, used by the tests)
+from .data import get_batch, load_tokens, prepare_data, sequence_indices, sequence_starts
+# The recipe API has always been importable from here (tests, benchmarks, notebooks).
+from .recipe import RECIPES_DIR, TrainConfig, find_recipe, load_recipe  # noqa: F401
 
 # ---- optimisation pieces (also used by benchmarks/training.py) -----------------------------------------------
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -250,45 +117,42 @@ def evaluate_loss(model: Transformer, tokens: np.ndarray, seq_len: int, batch_si
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_run_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(run_dir) / "ckpt.pt"
-    if not path.is_file():
-        raise CodeLlamaError(f"no training checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
-
-
 def model_from_run(run_dir: str | Path, **overrides: Any) -> Transformer:
     """The model of a training run's latest checkpoint (``overrides`` change its config, e.g. ``rope_theta``)."""
-    ckpt = load_run_checkpoint(run_dir)
-    config = ModelConfig(**{**ckpt["model_config"], **overrides})
-    model = Transformer(config)
-    model.load_state_dict(ckpt["model"])
+    return _model_from_checkpoint(load_run_checkpoint(run_dir), Path(run_dir), **overrides)
+
+
+def _model_from_checkpoint(ckpt: dict[str, Any], where: Path, **overrides: Any) -> Transformer:
+    try:
+        model = Transformer(ModelConfig(**{**ckpt["model_config"], **overrides}))
+        model.load_state_dict(ckpt["model"])
+    except (CodeLlamaError, TypeError, ValueError, RuntimeError) as e:
+        raise CodeLlamaError(f"{where}: the checkpoint's model does not load ({_one_line(e)})") from None
     return model
 
 
-def _initial_model(config: TrainConfig, vocab_size: int, tokenizer_path: Path) -> Transformer:
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _init_source(config: TrainConfig, log: Callable[[str], None]) -> dict[str, Any] | Path | None:
+    """What ``init_from`` names, read before any data is prepared so a bad source fails in seconds: a training
+    run's checkpoint (safely loaded), or a checkpoint directory for ``load_model``."""
     if not config.init_from:
+        return None
+    src = Path(config.init_from)
+    found = read_run_checkpoint(src, log=log)
+    if found is not None:
+        return found[0]
+    if (src / "params.json").is_file() or (src / "config.json").is_file():
+        return src
+    raise CodeLlamaError(f"init_from: {src} is neither a training run nor a checkpoint directory")
+
+
+def _initial_model(config: TrainConfig, vocab_size: int, tokenizer_path: Path,
+                   source: dict[str, Any] | Path | None) -> Transformer:
+    if source is None:
         torch.manual_seed(config.seed)
         model = Transformer(config.model_config(vocab_size))
         model.init_weights()
@@ -296,23 +160,70 @@ def _initial_model(config: TrainConfig, vocab_size: int, tokenizer_path: Path) -
     # Continue from an earlier stage: keep its shape, change what the stage changes (LCFT: θ and length).
     src = Path(config.init_from)
     overrides = {"rope_theta": config.rope_theta, "max_seq_len": config.seq_len, "name": config.name}
-    if (src / "ckpt.pt").is_file():
-        model = model_from_run(src, **overrides)
-        src_tok = src / "tokenizer.model"
-    elif (src / "params.json").is_file() or (src / "config.json").is_file():
+    if isinstance(source, dict):
+        model = _model_from_checkpoint(source, src, **overrides)
+    else:
         from ..checkpoint import load_model
         model = load_model(src, device="cpu", dtype=torch.float32)
         for k, v in overrides.items():
             setattr(model.config, k, v)
-        src_tok = src / "tokenizer.model"
-    else:
-        raise CodeLlamaError(f"init_from: {src} is neither a training run nor a checkpoint directory")
+    src_tok = src / "tokenizer.model"
     if src_tok.is_file() and src_tok.read_bytes() != tokenizer_path.read_bytes():
         raise CodeLlamaError(f"init_from: {src} was trained with another tokenizer than the data in "
                              f"{config.data_dir}; prepare the data with tokenizer = \"{src_tok}\"")
     if model.config.vocab_size < vocab_size:
         raise CodeLlamaError(f"init_from: model vocabulary {model.config.vocab_size} < tokenizer's {vocab_size}")
     return model
+
+
+def _check_resumable(ckpt: dict[str, Any], path: Path, config: TrainConfig) -> None:
+    """The checkpoint belongs to this recipe (before any data is prepared: a wrong run fails in seconds)."""
+    try:
+        saved = TrainConfig(**ckpt["train_config"])
+    except (CodeLlamaError, TypeError) as e:
+        raise CodeLlamaError(f"{path}: its recipe is not one this version reads ({_one_line(e)})") from None
+    changed = [f.name for f in fields(TrainConfig) if f.name not in ("progress", "device", "num_threads")
+               and getattr(saved, f.name) != getattr(config, f.name)]
+    if changed:
+        raise CodeLlamaError(f"cannot resume {config.out_dir}: recipe changed since the checkpoint "
+                             f"({', '.join(changed)})")
+    if ckpt["position"] != ckpt["step"] * config.batch_size * config.grad_accum:
+        raise CodeLlamaError(f"{path} is damaged: its data position does not match its step; delete it to "
+                             "start the run again")
+
+
+def _restore(ckpt: dict[str, Any], path: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
+    """Put the checkpoint's weights, optimizer moments and RNG states in place, or say which file to delete."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # load_state_dict checks counts, not shapes: a bad file fails here
+            for param in group["params"]:
+                for key, value in optimizer.state.get(param, {}).items():
+                    expected = torch.Size([]) if key == "step" else param.shape
+                    if isinstance(value, torch.Tensor) and value.shape != expected:
+                        raise ValueError(f"optimizer {key} of shape {tuple(value.shape)} for a parameter of "
+                                         f"shape {tuple(param.shape)}")
+        set_rng_state(ckpt["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise CodeLlamaError(f"{path} does not fit this run ({_one_line(e)}); delete it to start the run "
+                             "again") from None
+
+
+def _check_fits_in_memory(model_config: ModelConfig, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and two AdamW moments (16 bytes a parameter) exceed the memory of
+    the machine: allocating it would swap the machine to a halt or wake the OOM killer, not raise."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare with
+            return
+    needed = 16 * model_config.num_params()
+    if needed > total:
+        raise CodeLlamaError(f"model of {model_config.num_params() / 1e9:.1f}B parameters needs ~{needed / 2**30:.0f} "
+                             f"GiB to train, more than this {device.type} device has ({total / 2**30:.0f} GiB)")
 
 
 def export(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path) -> Path:
@@ -335,10 +246,19 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
     """Run (or resume) a training run; returns its summary. ``until_step`` stops early (after a checkpoint)
     without changing the schedule, as an interruption would — used to test resuming."""
+    if until_step is not None and (not isinstance(until_step, int) or until_step < 0):
+        raise CodeLlamaError(f"until_step must be an integer >= 0, got {until_step!r}")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = resolve_train_device(config.device)
     out = Path(config.out_dir)
+    # Everything read from disk is read (and refused, if it must be) before minutes of data preparation.
+    resumed = read_run_checkpoint(out, log=log) if resume else None
+    if resumed is not None:
+        _check_resumable(*resumed, config)
+    init_source = _init_source(config, log)
+    if init_source is None:
+        _check_fits_in_memory(config.model_config(config.vocab_size), device)
     out.mkdir(parents=True, exist_ok=True)
     meta = prepare_data(config.data_config(), config.data_dir, log=log)
     data_dir = Path(config.data_dir)
@@ -350,36 +270,33 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
     starts = sequence_starts(train_tokens, config.seq_len, bos_id)
     n_seq = len(starts)
 
-    ckpt_path = out / "ckpt.pt"
     log_path = out / "log.jsonl"
-    model = _initial_model(config, tokenizer.n_words, tok_path).to(device)
+    model = _initial_model(config, tokenizer.n_words, tok_path, init_source).to(device)
     optimizer = make_optimizer(model, config)
     step, position, best_val = 0, 0, math.inf
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        saved = TrainConfig(**ckpt["train_config"])
-        changed = [f.name for f in fields(TrainConfig) if f.name not in ("progress", "device", "num_threads")
-                   and getattr(saved, f.name) != getattr(config, f.name)]
-        if changed:
-            raise CodeLlamaError(f"cannot resume {out}: recipe changed since the checkpoint ({', '.join(changed)})")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, position, best_val = ckpt["step"], ckpt["position"], ckpt["best_val"]
-        _set_rng_state(ckpt["rng"])
-        _truncate_log(log_path, step)
+    if resumed is not None:
+        ckpt, ckpt_path = resumed
+        _restore(ckpt, ckpt_path, model, optimizer)
+        step, position, best_val = ckpt["step"], ckpt["position"], float(ckpt["best_val"])
+        if ckpt_path.name == PREVIOUS and (out / LATEST).is_file():
+            # Set the damaged latest aside, so that the next save does not rotate it into the fallback slot.
+            os.replace(out / LATEST, out / (LATEST + ".damaged"))
+        truncate_log(out, step)
         log(f"resumed {out} at step {step}")
-    elif resume:
-        log(f"no checkpoint in {out}; starting from scratch")
-        log_path.unlink(missing_ok=True)
+        del ckpt  # its tensors are copied into the model and optimizer: do not keep a second copy alive
     else:
+        if resume:
+            log(f"no checkpoint in {out}; starting from scratch")
+        clear_run_checkpoints(out)  # a fresh start: no earlier run's checkpoint may be resumed or fallen back to
         log_path.unlink(missing_ok=True)
+    del resumed, init_source
     (out / "tokenizer.model").write_bytes(tok_path.read_bytes())
     (out / "recipe.json").write_text(json.dumps(asdict(config), indent=2))
 
     def save() -> None:
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                      "position": position, "best_val": best_val, "rng": _rng_state(),
-                      "train_config": asdict(config), "model_config": asdict(model.config)}, ckpt_path)
+        save_run_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                             "position": position, "best_val": best_val, "rng": rng_state(),
+                             "train_config": asdict(config), "model_config": asdict(model.config)}, out)
 
     precision = resolve_precision(config.precision, device)
     autocast = lambda: autocast_for(device, precision)  # noqa: E731
@@ -429,7 +346,7 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
         if saved_step != step:  # the end of this invocation (finished, or until_step) is always resumable
             save()
     except KeyboardInterrupt:
-        log(f"interrupted at step {step}; the last checkpoint is in {ckpt_path} (resume with --resume)")
+        log(f"interrupted at step {step}; the last checkpoint is in {out / LATEST} (resume with --resume)")
         raise
     finally:
         logf.close()
@@ -458,16 +375,3 @@ def _progress(config: TrainConfig, step: int, stop: int):
     from tqdm import tqdm
     return tqdm(total=stop, initial=step, desc=config.name, unit="step", dynamic_ncols=True, mininterval=2.0,
                 file=sys.stderr)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records after the checkpoint being resumed, so the log is one clean curve."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
