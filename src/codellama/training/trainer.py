@@ -30,7 +30,8 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .checkpointing import (LATEST, PREVIOUS, clear_run_checkpoints, load_run_checkpoint,
                             read_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state,
-                            truncate_log)  # noqa: F401 (read_log: part of this module's API, used by the tests)
+                            truncate_log)
+from .checkpointing import read_log  # noqa: F401 (part of this module's API, used by the tests)
 from .data import get_batch, load_tokens, prepare_data, sequence_indices, sequence_starts
 # The recipe API has always been importable from here (tests, benchmarks, notebooks).
 from .recipe import RECIPES_DIR, TrainConfig, find_recipe, load_recipe  # noqa: F401
