@@ -204,7 +204,7 @@ def test_api_errors(tmp_path, model128, tiny_tokenizer_path):
     with pytest.raises(CodeLlamaError, match=r"not quantized"):
         save_quantized(model128, tmp_path / "nope")
     (q / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
-    with pytest.raises(CodeLlamaError, match=r"cannot read .*model.safetensors|do not match"):
+    with pytest.raises(CodeLlamaError, match=r"model.safetensors is not a valid safetensors file: header length 8"):
         load(q, device="cpu", tokenizer=tiny_tokenizer_path)
 
 

@@ -8,29 +8,34 @@
 Loading builds the model on the ``meta`` device and assigns the tensors, reading the files one layer at a
 time (every file is re-opened memory-mapped per layer), so the process never holds two full copies of the
 weights: a checkpoint whose dtype and device already match is not copied at all.
+
+Which files make up a layout and how each is opened safely (only files inside the directory, weights-only
+unpickling, validated safetensors headers) lives in ``checkpoint_files``; before anything is built, the config
+(validated by ``config_validation``) must imply exactly the tensors the files hold: names, shapes, float dtypes.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .checkpoint_files import (NATIVE_WEIGHTS, TOKENIZER_FILE, TensorInfo, check_float_dtype, checkpoint_dir,
+                               confined_file, detect_format, expected_shapes, file_index, hf_weight_files,
+                               meta_shards, read_config_json, read_tensors)
 from .config import ModelConfig
+from .config_validation import clean_name, shown, shown_name
 from .errors import CodeLlamaError
 from .model import Transformer
 from .tokenizer import Tokenizer
 
 FORMATS = ("meta", "native", "hf")
-NATIVE_WEIGHTS = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.model"
 # Tensors that some checkpoints carry but our model recomputes: Meta's precomputed ``rope.freqs`` and old HF
 # ``rotary_emb.inv_freq`` buffers.
 _IGNORED = re.compile(r"(^|\.)(rope\.freqs|rotary_emb\.inv_freq)$")
@@ -44,9 +49,8 @@ _HF_LAYER_NAMES = {
     "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 _HF_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 HF_MAX_SHARD_BYTES = 5 * 1024**3  # HF's own default shard size for save_pretrained
+MAX_TOKENIZER_BYTES = 64 * 2**20
 
 
 # ---- tensor names and the q/k permutation ----------------------------------------------------------------
@@ -95,148 +99,6 @@ def _qk_heads(name: str, config: ModelConfig) -> int | None:
     return None
 
 
-# ---- reading weight files ----------------------------------------------------------------------------------
-@dataclass
-class _TensorInfo:
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def _torch_load(path: Path) -> dict[str, Tensor]:
-    """Memory-mapped, weights-only ``torch.load``: never unpickles arbitrary objects, reads pages on demand."""
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zipfile" not in str(e).lower():
-                raise
-            # Files from the legacy (pre-zip) serializer cannot be mapped; they are read whole.
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's weights-only unpickler explains itself at length; keep the one fact that matters.
-        if m := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):
-            raise CodeLlamaError(f"refusing to load {path}: it holds more than tensors (a pickled {m.group(1)}; "
-                                 "unpickling it could run arbitrary code)") from None
-        m = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
-        raise CodeLlamaError(f"cannot read {path}: not a PyTorch weights file "
-                             f"({m.group(1).strip() if m else type(e).__name__})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CodeLlamaError(f"cannot read {path}: {first}") from None
-    if isinstance(sd, dict) and isinstance(sd.get("model"), dict) and not any(isinstance(v, Tensor) for v in sd.values()):
-        sd = sd["model"]  # training checkpoints that wrap the weights
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise CodeLlamaError(f"{path} does not hold a dictionary of tensors")
-    return sd
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file: names, dtypes, shapes, offsets (no tensor data is read)."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if size <= 0 or size > 100 * 1024**2:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(size))
-    except FileNotFoundError:
-        raise CodeLlamaError(f"weights file not found: {path}") from None
-    except (ValueError, OSError) as e:
-        raise CodeLlamaError(f"{path} is not a safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def _file_index(path: Path) -> dict[str, _TensorInfo]:
-    """Names, shapes and dtypes of the tensors in one weights file, without reading their data."""
-    if path.suffix == ".safetensors":
-        header = _safetensors_header(path)
-        return {k: _TensorInfo(tuple(v["shape"]), _SAFETENSORS_DTYPES.get(v["dtype"], v["dtype"].lower()))
-                for k, v in header.items()}
-    return {k: _TensorInfo(tuple(v.shape), str(v.dtype).removeprefix("torch."))
-            for k, v in _torch_load(path).items()}
-
-
-def _read_tensors(path: Path, names: Iterable[str]) -> dict[str, Tensor]:
-    """Only the named tensors of one file. The file is opened afresh and closed on return, so the pages
-    read for one layer are released once its tensors are converted (or kept, mapped, when used as they are)."""
-    names = list(names)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in names}
-        except SafetensorError as e:
-            raise CodeLlamaError(f"cannot read {path}: {e}") from None
-    sd = _torch_load(path)
-    return {k: sd[k] for k in names}
-
-
-# ---- layouts ------------------------------------------------------------------------------------------
-def _checkpoint_dir(path: str | Path) -> Path:
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise CodeLlamaError(f"checkpoint not found: {root}")
-    if not root.is_dir():
-        if root.name in ("params.json", "config.json"):
-            return root.parent
-        raise CodeLlamaError(f"expected a checkpoint directory, got the file {root}")
-    return root
-
-
-def _meta_shards(root: Path) -> list[Path]:
-    shards = sorted(root.glob("consolidated.*.pth"))
-    numbers = []
-    for s in shards:
-        m = re.fullmatch(r"consolidated\.(\d+)\.pth", s.name)
-        if m is None:
-            raise CodeLlamaError(f"unexpected file name {s.name} in {root} (expected consolidated.NN.pth)")
-        numbers.append(int(m.group(1)))
-    if numbers != list(range(len(numbers))):
-        raise CodeLlamaError(f"model-parallel shards in {root} are not numbered 00..{len(numbers) - 1:02d}: "
-                             + ", ".join(s.name for s in shards))
-    return shards
-
-
-def _hf_weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """HF weight files and, for sharded checkpoints, the index's name -> file map."""
-    for index_name, pattern in (("model.safetensors.index.json", "model*.safetensors"),
-                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
-        index = root / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CodeLlamaError(f"{index} is not a valid weight index ({e})") from None
-            files = sorted({root / f for f in weight_map.values()})
-            for f in files:
-                if not f.is_file():
-                    raise CodeLlamaError(f"weights file {f.name} named in {index.name} is missing from {root}")
-            return files, weight_map
-        files = sorted(root.glob(pattern))
-        if files:
-            return files, None
-    return [], None
-
-
-def detect_format(path: str | Path) -> str:
-    """``"meta"``, ``"native"`` or ``"hf"`` from the files in a checkpoint directory."""
-    root = _checkpoint_dir(path)
-    if (root / "params.json").is_file():
-        if list(root.glob("consolidated.*.pth")):
-            return "meta"
-        if (root / NATIVE_WEIGHTS).is_file():
-            return "native"
-        raise CodeLlamaError(f"{root} has params.json but no weights: expected consolidated.NN.pth (Meta) "
-                             f"or {NATIVE_WEIGHTS}")
-    if (root / "config.json").is_file():
-        if _hf_weight_files(root)[0]:
-            return "hf"
-        raise CodeLlamaError(f"{root} has config.json but no weights: expected model*.safetensors "
-                             "or pytorch_model*.bin")
-    raise CodeLlamaError(f"unknown checkpoint layout in {root}: expected params.json + consolidated.NN.pth (Meta), "
-                         f"params.json + {NATIVE_WEIGHTS} (native) or config.json + model*.safetensors (HF)")
-
-
 @dataclass
 class _Part:
     file: Path
@@ -250,38 +112,27 @@ class _Plan:
     config: ModelConfig
     files: list[Path]
     parts: dict[str, list[_Part]] = field(default_factory=dict)  # our name -> one part per shard
-    infos: dict[tuple[Path, str], _TensorInfo] = field(default_factory=dict)
+    infos: dict[tuple[Path, str], TensorInfo] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
 
 
-def _read_params(root: Path) -> dict[str, Any]:
-    try:
-        params = json.loads((root / "params.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CodeLlamaError(f"{root / 'params.json'} is not valid JSON: {e}") from None
-    if not isinstance(params, dict):
-        raise CodeLlamaError(f"{root / 'params.json'} must hold a JSON object")
-    return params
-
-
-def _config_from_params(root: Path, params: dict[str, Any], vocab_from: _TensorInfo | None) -> ModelConfig:
+def _config_from_params(root: Path, params: dict[str, Any], vocab_from: TensorInfo | None) -> ModelConfig:
     overrides = {}
-    if params.get("vocab_size", -1) in (-1, None) and vocab_from is not None:
+    if params.get("vocab_size", -1) in (-1, None) and vocab_from is not None and len(vocab_from.shape) == 2:
         overrides["vocab_size"] = vocab_from.shape[0]  # Llama params.json say -1: the embedding knows
-    try:
-        config = ModelConfig.from_params(params, **overrides)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CodeLlamaError(f"{root / 'params.json'} is not a valid params.json ({e})") from None
-    config.name = str(params.get("name") or root.resolve().name)
+    config = ModelConfig.from_params(params, source=str(root / "params.json"), **overrides)
+    config.name = clean_name(params.get("name")) or root.resolve().name
     return config
 
 
 def _plan(root: Path, fmt: str) -> _Plan:
     if fmt in ("meta", "native"):
-        params = _read_params(root)
-        files = _meta_shards(root) if fmt == "meta" else [root / NATIVE_WEIGHTS]
-        infos = {f: _file_index(f) for f in files}
-        config = _config_from_params(root, params, infos[files[0]].get("tok_embeddings.weight"))
+        params = read_config_json(root, "params.json")
+        files = meta_shards(root) if fmt == "meta" else [confined_file(root, NATIVE_WEIGHTS, "weights file")]
+        # The config first: it is small, and a refused one should not cost reading every shard.
+        first = file_index(files[0])
+        config = _config_from_params(root, params, first.get("tok_embeddings.weight"))
+        infos = {files[0]: first} | {f: file_index(f) for f in files[1:]}
         plan = _Plan(fmt, config, files)
         for f in files:
             for name, info in infos[f].items():
@@ -292,26 +143,24 @@ def _plan(root: Path, fmt: str) -> _Plan:
             plan.parts[name] = [_Part(f, name) for f in files]
         for f in files[1:]:
             # A tensor present in some shards only is a broken download; say which shard lacks it.
-            for name in set(infos[files[0]]) ^ set(infos[f]):
+            for name in sorted(set(infos[files[0]]) ^ set(infos[f])):
                 if not _IGNORED.search(name):
                     lacking = f if name in infos[files[0]] else files[0]
-                    raise CodeLlamaError(f"tensor {name} is missing from {lacking.name} but present in other shards")
+                    raise CodeLlamaError(f"tensor {shown_name(name)} is missing from {lacking.name} but present in "
+                                         "other shards")
         return plan
 
-    files, weight_map = _hf_weight_files(root)
-    try:
-        config = ModelConfig.from_hf(root / "config.json")
-    except (KeyError, TypeError, ValueError) as e:
-        raise CodeLlamaError(f"{root / 'config.json'} is not a valid Llama config.json (missing {e})") from None
+    hf_config = read_config_json(root, "config.json")
+    config = ModelConfig.from_hf(hf_config, source=str(root / "config.json"))
     config.name = root.resolve().name
-    hf_config = json.loads((root / "config.json").read_text())
     head_dim = hf_config.get("head_dim")
     if head_dim is not None and head_dim != config.head_dim:
-        raise CodeLlamaError(f"{root / 'config.json'}: head_dim {head_dim} != hidden_size / num_attention_heads "
-                             f"({config.head_dim}); not a Llama 2 layout")
+        raise CodeLlamaError(f"{root / 'config.json'}: head_dim {shown(head_dim)} != hidden_size / "
+                             f"num_attention_heads ({config.head_dim}); not a Llama 2 layout")
+    files, weight_map = hf_weight_files(root)
     plan = _Plan("hf", config, files)
     for f in files:
-        for name, info in _file_index(f).items():
+        for name, info in file_index(f).items():
             if weight_map is not None and weight_map.get(name, f.name) != f.name:
                 continue  # a duplicate the index does not point at
             plan.infos[(f, name)] = info
@@ -319,30 +168,29 @@ def _plan(root: Path, fmt: str) -> _Plan:
                 continue
             ours = hf_to_meta_name(name)
             if ours is None:
-                plan.unexpected.append(f"{name} ({f.name})")
+                plan.unexpected.append(f"{shown_name(name)} ({f.name})")
             else:
                 plan.parts[ours] = [_Part(f, name)]
-    if "output.weight" not in plan.parts and hf_config.get("tie_word_embeddings") and "tok_embeddings.weight" in plan.parts:
+    if "output.weight" not in plan.parts and hf_config.get("tie_word_embeddings") is True \
+            and "tok_embeddings.weight" in plan.parts:
         plan.parts["output.weight"] = plan.parts["tok_embeddings.weight"]
     return plan
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = Transformer(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _listed(names: list[str]) -> str:
+    return ", ".join(shown_name(n, 60) for n in names[:5]) + \
+        (f", ... ({len(names)} in all)" if len(names) > 5 else "")
 
 
 def _check_plan(plan: _Plan, root: Path) -> None:
-    expected = _expected_shapes(plan.config)
+    """The config's tensors (names, shapes, float dtypes) against the files' headers, before anything is built."""
+    expected = expected_shapes(plan.config)
     missing = [k for k in expected if k not in plan.parts]
     unexpected = [k for k in plan.parts if k not in expected] + plan.unexpected
     if missing:
-        shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
-        raise CodeLlamaError(f"checkpoint {root} is missing tensors: {shown}")
+        raise CodeLlamaError(f"checkpoint {root} is missing tensors: {_listed(missing)}")
     if unexpected:
-        shown = ", ".join(unexpected[:5]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 5 else "")
-        raise CodeLlamaError(f"checkpoint {root} has unexpected tensors: {shown}")
+        raise CodeLlamaError(f"checkpoint {root} has unexpected tensors: {_listed(unexpected)}")
     for name, parts in plan.parts.items():
         want = list(expected[name])
         dim = _SHARD_DIM.get(name.split(".")[-2]) if len(parts) > 1 else None
@@ -351,11 +199,12 @@ def _check_plan(plan: _Plan, root: Path) -> None:
                 raise CodeLlamaError(f"tensor {name}: size {want[dim]} cannot be split over {len(parts)} shards")
             want[dim] //= len(parts)
         for part in parts:
-            got = plan.infos[(part.file, part.name)].shape
-            if tuple(got) != tuple(want):
+            info = plan.infos[(part.file, part.name)]
+            if tuple(info.shape) != tuple(want):
                 what = "shard shape" if len(parts) > 1 else "shape"
-                raise CodeLlamaError(f"tensor {part.name} in {part.file.name} has shape {tuple(got)} but the config "
-                                     f"expects {what} {tuple(want)}")
+                raise CodeLlamaError(f"tensor {shown_name(part.name)} in {part.file.name} has shape "
+                                     f"{shown(tuple(info.shape), 80)} but the config expects {what} {tuple(want)}")
+            check_float_dtype(part.name, part.file, info.dtype)
 
 
 def _layer_of(name: str) -> int:
@@ -387,10 +236,10 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, dt
     if _is_quantized_dir(path):  # written by ``codellama quantize``: stays int8/int4
         from .quantize import load_quantized
         return load_quantized(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
-    root = _checkpoint_dir(path)
+    root = checkpoint_dir(path)
     plan = _plan(root, detect_format(root))
     if max_seq_len is not None:
-        plan.config.max_seq_len = int(max_seq_len)
+        plan.config = replace(plan.config, max_seq_len=max_seq_len)  # validated like the file's own value
     _check_plan(plan, root)
     from .api import resolve_device, resolve_dtype  # api imports this module lazily: no cycle
 
@@ -420,7 +269,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, dt
         for name in names:
             for part in plan.parts[name]:
                 wanted.setdefault(part.file, set()).add(part.name)
-        loaded = {f: _read_tensors(f, sorted(ns)) for f, ns in wanted.items()}
+        loaded = {f: read_tensors(f, sorted(ns)) for f, ns in wanted.items()}
         for name in names:
             t = _assemble(name, [loaded[p.file][p.name] for p in plan.parts[name]], plan.config, plan.format)
             state[name] = t.to(device=device, dtype=dtype)
@@ -447,9 +296,13 @@ def load_tokenizer(path: str | Path | None, tokenizer: str | Path | None = None)
         from .gguf import load_gguf_tokenizer
         return load_gguf_tokenizer(Path(path).expanduser())
     root = Path(path).expanduser()
-    candidate = root if root.is_file() and root.suffix == ".model" else root / TOKENIZER_FILE
-    if not candidate.is_file():
+    if root.is_file() and root.suffix == ".model":
+        return Tokenizer(root)
+    if not (root.is_dir() and (root / TOKENIZER_FILE).exists()):
         raise CodeLlamaError(f"no {TOKENIZER_FILE} in {root}; pass the tokenizer path explicitly (--tokenizer)")
+    candidate = confined_file(root, TOKENIZER_FILE, "tokenizer")
+    if candidate.stat().st_size > MAX_TOKENIZER_BYTES:  # read whole: real ones are 0.5-4 MB
+        raise CodeLlamaError(f"{candidate} is larger than {MAX_TOKENIZER_BYTES // 2**20} MiB: not a tokenizer model")
     return Tokenizer(candidate)
 
 
@@ -573,16 +426,16 @@ def convert(src: str | Path, dst: str | Path, to: str = "native", shards: int = 
         return _convert_gguf(src, dst, to, shards, dtype, outtype)
     if to not in FORMATS:
         raise CodeLlamaError(f"unknown checkpoint format {to!r} (use {', '.join(FORMATS)}, gguf)")
-    src_dir, dst_dir = _checkpoint_dir(src), Path(dst).expanduser()
+    src_dir, dst_dir = checkpoint_dir(src), Path(dst).expanduser()
     if dst_dir.exists() and dst_dir.resolve() == src_dir.resolve():
         raise CodeLlamaError("the destination must differ from the source checkpoint")
     if dst_dir.exists() and (not dst_dir.is_dir() or any(dst_dir.iterdir())):
         # Files of another layout left there would make the result ambiguous to load.
         raise CodeLlamaError(f"destination {dst_dir} already exists and is not an empty directory")
+    # Copied along, so it must really be the checkpoint's: a symlink to a file elsewhere would leak that file.
+    tok = confined_file(src_dir, TOKENIZER_FILE, "tokenizer") if (src_dir / TOKENIZER_FILE).exists() else None
     model = load_model(src_dir)
-    tok = src_dir / TOKENIZER_FILE
-    return save_checkpoint(model, dst_dir, format=to, tokenizer=tok if tok.is_file() else None,
-                           shards=shards, dtype=dtype)
+    return save_checkpoint(model, dst_dir, format=to, tokenizer=tok, shards=shards, dtype=dtype)
 
 
 def _is_gguf(path: str | Path) -> bool:
@@ -622,7 +475,8 @@ def describe_checkpoint(path_or_name: str | Path) -> dict[str, Any]:
         try:
             config = ModelConfig.from_name(str(path_or_name))
         except CodeLlamaError:
-            raise CodeLlamaError(f"{path_or_name} is neither a checkpoint directory nor a released model name "
+            raise CodeLlamaError(f"{shown_name(str(path_or_name))} is neither a checkpoint directory nor a released "
+                                 "model name "
                                  "(e.g. CodeLlama-7b, CodeLlama-34b-Python, CodeLlama-70b-Instruct)") from None
         return {"config": config, "format": "released config", "dtype": None, "files": [], "shards": None}
     if _is_gguf(root):
@@ -631,11 +485,12 @@ def describe_checkpoint(path_or_name: str | Path) -> dict[str, Any]:
     if _is_quantized_dir(root):
         from .quantize import describe_quantized
         return describe_quantized(root)
-    root = _checkpoint_dir(root)
+    root = checkpoint_dir(root)
     fmt = detect_format(root)
     plan = _plan(root, fmt)
-    first = plan.parts.get("tok_embeddings.weight")
-    dtype = plan.infos[(first[0].file, first[0].name)].dtype if first else None
+    _check_plan(plan, root)  # a description of a checkpoint that cannot load would be a lie
+    first = plan.parts["tok_embeddings.weight"]
+    dtype = plan.infos[(first[0].file, first[0].name)].dtype
     listed = [root / ("params.json" if fmt != "hf" else "config.json"), *plan.files]
     if (root / TOKENIZER_FILE).is_file():
         listed.append(root / TOKENIZER_FILE)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
+from .config_validation import check_config_values, clean_name, derived_ffn_hidden, read_json_object, shown
 from .errors import CodeLlamaError
 
 
@@ -31,12 +31,22 @@ class ModelConfig:
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.dim % self.n_heads:
-            raise CodeLlamaError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise CodeLlamaError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        # Every construction (files, code, ``dataclasses.replace``) goes through the same checks.
+        checked = check_config_values({f.name: getattr(self, f.name) for f in fields(self)})
+        for key, value in checked.items():
+            setattr(self, key, value)
+        self.name = clean_name(self.name)
+
+    @classmethod
+    def checked(cls, source: str, values: Mapping[str, Any], keys: Mapping[str, str] | None = None) -> "ModelConfig":
+        """A config from values read out of ``source`` (a file name, for messages); ``keys`` maps our field
+        names to the source's, so that a refused value is named as the file spells it."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        try:
+            checked = check_config_values(defaults | dict(values), keys)
+        except CodeLlamaError as e:
+            raise CodeLlamaError(f"{source}: {e}") from None
+        return cls(**checked)
 
     @property
     def head_dim(self) -> int:
@@ -46,10 +56,7 @@ class ModelConfig:
     def ffn_hidden(self) -> int:
         if self.hidden_dim is not None:
             return self.hidden_dim
-        h = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            h = int(self.ffn_dim_multiplier * h)
-        return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+        return derived_ffn_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     # ---- sizes -------------------------------------------------------------------------------------
     def num_params(self) -> int:
@@ -81,22 +88,25 @@ class ModelConfig:
 
     # ---- Meta params.json ---------------------------------------------------------------------------
     @classmethod
-    def from_params(cls, params: dict[str, Any] | str | Path, **overrides: Any) -> "ModelConfig":
-        if not isinstance(params, dict):
-            params = _read_json(params)
-        known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                 "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "hidden_dim"}
-        kwargs = {k: v for k, v in params.items() if k in known}
+    def from_params(cls, params: dict[str, Any] | str | Path, *, source: str = "params.json",
+                    **overrides: Any) -> "ModelConfig":
+        if not isinstance(params, Mapping):
+            if not isinstance(params, (str, Path)):
+                raise CodeLlamaError(f"params must be a mapping or a path, got {type(params).__name__}")
+            source = str(params)
+            params = read_json_object(params)
+        kwargs = {k: v for k, v in params.items() if k in _PARAMS_KEYS}
         if kwargs.get("vocab_size", -1) in (-1, None):
             kwargs.pop("vocab_size", None)  # Llama 1/2 params.json say -1: the tokenizer decides
         if "rope_theta" not in kwargs:
             kwargs["rope_theta"] = 10_000.0  # Llama 2 params.json has no rope_theta
         kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls.checked(source, kwargs)
 
     def to_params(self) -> dict[str, Any]:
         multiple_of, multiplier = self.multiple_of, self.ffn_dim_multiplier
-        if self.hidden_dim is not None and ModelConfig(**{**self._fields(), "hidden_dim": None}).ffn_hidden != self.hidden_dim:
+        derived = derived_ffn_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        if self.hidden_dim is not None and derived != self.hidden_dim:
             # Express an explicit width in params.json terms: rounding up to a multiple of itself is the identity.
             base = int(2 * 4 * self.dim / 3)
             multiple_of = self.hidden_dim
@@ -114,25 +124,42 @@ class ModelConfig:
 
     # ---- HF config.json -----------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, config: dict[str, Any] | str | Path, **overrides: Any) -> "ModelConfig":
-        if not isinstance(config, dict):
-            config = _read_json(config)
+    def from_hf(cls, config: dict[str, Any] | str | Path, *, source: str = "config.json",
+                **overrides: Any) -> "ModelConfig":
+        if not isinstance(config, Mapping):
+            if not isinstance(config, (str, Path)):
+                raise CodeLlamaError(f"config must be a mapping or a path, got {type(config).__name__}")
+            source = str(config)
+            config = read_json_object(config)
+
+        def fail(message: str) -> CodeLlamaError:
+            return CodeLlamaError(f"{source}: {message}")
+
         model_type = config.get("model_type", "llama")
         if model_type != "llama":
-            raise CodeLlamaError(f"unsupported HF model_type {model_type!r}: only 'llama' checkpoints are Code Llama")
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        theta = config.get("rope_theta", rope.get("rope_theta", 10_000.0))
+            raise fail(f"unsupported HF model_type {shown(model_type)}: only 'llama' checkpoints are Code Llama")
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+            if config.get(key) is None:
+                raise fail(f"not a Llama config.json: it lacks {key!r}")
+        act = config.get("hidden_act", "silu")
+        if act != "silu":
+            raise fail(f"hidden_act {shown(act)} is not supported (Llama uses 'silu')")
+
+        def optional(key: str, default: Any) -> Any:  # an explicit null means "not stated", as in HF
+            value = config.get(key)
+            return default if value is None else value
+
         kwargs = dict(
             dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-            n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-            vocab_size=config["vocab_size"], norm_eps=config.get("rms_norm_eps", 1e-5),
-            rope_theta=float(theta), max_seq_len=config.get("max_position_embeddings", 16384),
+            n_heads=config["num_attention_heads"], n_kv_heads=config.get("num_key_value_heads"),
+            vocab_size=config["vocab_size"], norm_eps=optional("rms_norm_eps", 1e-5),
+            rope_theta=_hf_rope_theta(config, fail), max_seq_len=optional("max_position_embeddings", 16384),
             hidden_dim=config["intermediate_size"],
         )
-        kwargs.update(_params_style_ffn(kwargs["dim"], kwargs["hidden_dim"]))
+        checked = cls.checked(source, kwargs | overrides, _HF_KEYS)  # types and ranges before any arithmetic
+        kwargs.update(_params_style_ffn(checked.dim, checked.ffn_hidden))
         kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls.checked(source, kwargs, _HF_KEYS)
 
     def to_hf(self) -> dict[str, Any]:
         return {
@@ -150,29 +177,45 @@ class ModelConfig:
         return {k: v for k, v in asdict(self).items()}
 
 
+_PARAMS_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                "norm_eps", "rope_theta", "max_seq_len", "hidden_dim"}
+# Our field -> HF config.json key, for messages.
+_HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "norm_eps": "rms_norm_eps",
+            "rope_theta": "rope_theta", "max_seq_len": "max_position_embeddings", "hidden_dim": "intermediate_size"}
+
+
 def _params_style_ffn(dim: int, hidden: int) -> dict[str, Any]:
     """Express an HF ``intermediate_size`` the way the released params.json do (Llama's default rounding, or a
     released size's multiplier and multiple_of), so HF -> Meta conversion writes the original params.json;
     other widths stay explicit."""
     candidates = [(c.multiple_of, c.ffn_dim_multiplier) for c in RELEASED.values() if c.dim == dim] + [(256, None)]
     for multiple_of, multiplier in candidates:
-        if ModelConfig(dim=dim, n_heads=1, multiple_of=multiple_of, ffn_dim_multiplier=multiplier).ffn_hidden == hidden:
+        if derived_ffn_hidden(dim, multiple_of, multiplier) == hidden:
             return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier, "hidden_dim": None}
     return {"hidden_dim": hidden}
 
 
+def _hf_rope_theta(config: Mapping[str, Any], fail) -> Any:
+    """θ from ``rope_theta`` or, in transformers 5, ``rope_parameters``; RoPE scaling variants are refused,
+    since loading them with plain RoPE would give a model that runs but answers wrongly."""
+    theta = config.get("rope_theta")
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = config.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, Mapping):
+            raise fail(f"{key} must be an object or null, got {shown(rope)}")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in (None, "default"):
+            raise fail(f"RoPE scaling {shown(kind)} ({key}) is not supported (Code Llama uses none)")
+        if theta is None:
+            theta = rope.get("rope_theta")
+    return 10_000.0 if theta is None else theta
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def _read_json(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CodeLlamaError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise CodeLlamaError(f"{path} is not valid JSON: {e}") from None
 
 
 def _normalise_name(name: str) -> str:

@@ -6,17 +6,17 @@ Layout facts this module relies on (llama.cpp's own converter for LLaMA writes f
   ``blk.N.attn_norm|ffn_norm``, ``output_norm``, ``output`` (all ``.weight``).
 - q/k rows are in Meta's interleaved rotary order: the converter undoes Hugging Face's rotate-half permutation, and
   llama.cpp applies "normal" (adjacent-pair) RoPE to LLaMA. Our model uses that order too, so q/k map unchanged.
-- GGUF lists dimensions fastest-first (``ne[0]`` is the row length); the ``gguf`` package's reader and writer
-  reverse them, so a numpy array there has the PyTorch shape ``[out_features, in_features]``.
-- Quantized tensors are rows of fixed-size blocks; the dequantizers below decode whole tensors at once.
+- GGUF lists dimensions fastest-first (``ne[0]`` is the row length); our reader (``gguf_reader``) and the
+  ``gguf`` package's writer reverse them, so shapes here are PyTorch's ``[out_features, in_features]``.
+- Quantized tensors are rows of fixed-size blocks, decoded by ``gguf_quants``.
 
-The ``gguf`` package (the reader/writer shipped with llama.cpp) is an optional dependency: ``pip install gguf``.
+Reading needs nothing beyond numpy (``gguf_reader`` validates every size against the file); writing uses the
+``gguf`` package shipped with llama.cpp, an optional dependency: ``pip install gguf``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checkpoint_files import expected_shapes
 from .config import ModelConfig
+from .config_validation import LIMITS, clean_name, shown, shown_name
 from .errors import CodeLlamaError
+from .gguf_quants import DEQUANTIZERS, QK_K, SUPPORTED_TYPES, dequantize, quantize_q8_0  # noqa: F401 (re-exported)
+from .gguf_reader import GGUFFile, Unreadable, read_gguf
 from .tokenizer import Tokenizer
 
 ARCHITECTURE = "llama"
@@ -62,7 +66,7 @@ def to_gguf_name(name: str) -> str:
     raise CodeLlamaError(f"parameter {name!r} has no GGUF name")
 
 
-def from_gguf_name(name: str) -> str | None:
+def from_gguf_name(name: str, path: Path | None = None) -> str | None:
     """llama.cpp tensor name -> ours; None for tensors LLaMA files may carry that we recompute (rope tables)."""
     if name in _GLOBAL_BACK:
         return _GLOBAL_BACK[name]
@@ -71,110 +75,7 @@ def from_gguf_name(name: str) -> str | None:
     m = _LAYER_RE.match(name)
     if m and m.group(2) in _LAYER_BACK:
         return f"layers.{m.group(1)}.{_LAYER_BACK[m.group(2)]}"
-    raise CodeLlamaError(f"GGUF tensor {name!r} is not part of a LLaMA model")
-
-
-# ---- dequantization -------------------------------------------------------------------------------
-# Block layouts (bytes) from ggml's block_* structs: every block starts or ends with float16 scales.
-QK_K = 256  # super-block size of the k-quants
-
-
-def _f16(blocks: Tensor, start: int) -> Tensor:
-    """The float16 stored at byte ``start`` of each block, as float32 [nb, 1]."""
-    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
-
-
-def _dequant_q8_0(b: Tensor) -> Tensor:  # d f16 | qs int8[32]
-    return _f16(b, 0) * b[:, 2:].contiguous().view(torch.int8).float()
-
-
-def _dequant_q4_0(b: Tensor) -> Tensor:  # d f16 | qs u8[16]: low nibbles are elements 0-15, high 16-31
-    qs = b[:, 2:]
-    q = torch.cat((qs & 0xF, qs >> 4), dim=1).float() - 8
-    return _f16(b, 0) * q
-
-
-def _k_scales_mins(s: Tensor) -> tuple[Tensor, Tensor]:
-    """Unpack the 12 bytes of 6-bit scales and mins of Q4_K/Q5_K into [nb, 8] each."""
-    s = s.int()
-    sc = torch.cat((s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)), dim=1)
-    mn = torch.cat((s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)), dim=1)
-    return sc.float(), mn.float()
-
-
-def _dequant_q4_k(b: Tensor) -> Tensor:  # d, dmin f16 | scales u8[12] | qs u8[128]
-    nb = b.shape[0]
-    sc, mn = _k_scales_mins(b[:, 4:16])
-    qs = b[:, 16:].reshape(nb, 4, 1, 32)
-    # Each 32-byte chunk holds two 32-element sub-blocks: low nibbles first, then high nibbles.
-    q = torch.cat((qs & 0xF, qs >> 4), dim=2).reshape(nb, 8, 32).float()
-    y = (_f16(b, 0) * sc).unsqueeze(-1) * q - (_f16(b, 2) * mn).unsqueeze(-1)
-    return y.reshape(nb, QK_K)
-
-
-def _dequant_q5_k(b: Tensor) -> Tensor:  # d, dmin f16 | scales u8[12] | qh u8[32] | qs u8[128]
-    nb = b.shape[0]
-    sc, mn = _k_scales_mins(b[:, 4:16])
-    qh = b[:, 16:48].int().unsqueeze(1)  # bit j of qh[l] is the fifth bit of element l of sub-block j
-    qs = b[:, 48:].reshape(nb, 4, 1, 32)
-    low = torch.cat((qs & 0xF, qs >> 4), dim=2).reshape(nb, 8, 32).int()
-    high = (qh >> torch.arange(8, dtype=torch.int32).view(1, 8, 1)) & 1
-    q = (low | (high << 4)).float()
-    y = (_f16(b, 0) * sc).unsqueeze(-1) * q - (_f16(b, 2) * mn).unsqueeze(-1)
-    return y.reshape(nb, QK_K)
-
-
-def _dequant_q6_k(b: Tensor) -> Tensor:  # ql u8[128] | qh u8[64] | scales i8[16] | d f16
-    nb = b.shape[0]
-    ql = b[:, :128].reshape(nb, 2, 2, 32).int()  # [half, first/second 32 bytes, l]
-    qh = b[:, 128:192].reshape(nb, 2, 1, 32).int()
-    # Within each 128-element half: quarter 0 = low nibbles of ql[0:32], 1 = low of ql[32:64],
-    # 2 = high nibbles of ql[0:32], 3 = high of ql[32:64]; quarter i takes bits 2i..2i+1 of qh.
-    low = torch.cat((ql & 0xF, ql >> 4), dim=2)  # [nb, 2, 4, 32]
-    high = (qh >> (2 * torch.arange(4, dtype=torch.int32).view(1, 1, 4, 1))) & 3
-    q = ((low | (high << 4)) - 32).float().reshape(nb, 16, 16)
-    scales = b[:, 192:208].contiguous().view(torch.int8).float().unsqueeze(-1)  # one per 16 elements
-    return (_f16(b, 208).unsqueeze(-1) * scales * q).reshape(nb, QK_K)
-
-
-def _dequant_bf16(b: Tensor) -> Tensor:
-    return (b.contiguous().view(torch.int16).int() << 16).view(torch.float32)
-
-
-# type name -> (elements per block, bytes per block, decoder of [nb, bytes] uint8 -> [nb, elements] float32)
-DEQUANTIZERS = {
-    "Q8_0": (32, 34, _dequant_q8_0),
-    "Q4_0": (32, 18, _dequant_q4_0),
-    "Q4_K": (256, 144, _dequant_q4_k),
-    "Q5_K": (256, 176, _dequant_q5_k),
-    "Q6_K": (256, 210, _dequant_q6_k),
-    "BF16": (1, 2, _dequant_bf16),
-}
-SUPPORTED_TYPES = ("F32", "F16", *DEQUANTIZERS)
-
-
-def dequantize(data: np.ndarray | Tensor, type_name: str, shape: tuple[int, ...]) -> Tensor:
-    """Decode raw GGUF tensor bytes of ``type_name`` into a float32 tensor of PyTorch ``shape``."""
-    if type_name not in DEQUANTIZERS:
-        raise CodeLlamaError(f"unsupported GGUF tensor type {type_name} (supported: {', '.join(SUPPORTED_TYPES)})")
-    block, nbytes, decode = DEQUANTIZERS[type_name]
-    raw = torch.from_numpy(np.array(data, copy=True)).view(torch.uint8).reshape(-1, nbytes)
-    return decode(raw).reshape(shape)
-
-
-# ---- quantization (export) ------------------------------------------------------------------------
-def quantize_q8_0(w: Tensor) -> np.ndarray:
-    """Rows of ``w`` [..., K] (K a multiple of 32) as Q8_0 blocks, uint8 [..., K/32*34], as ggml's reference does:
-    d = max|x| / 127 per 32 values, q = round-half-away(x / d), d stored as float16."""
-    w = w.detach().float().cpu()
-    lead, k = w.shape[:-1], w.shape[-1]
-    blocks = w.reshape(-1, 32)
-    d = blocks.abs().amax(dim=1, keepdim=True) / 127
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    x = blocks * inv
-    q = (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(-127, 127).to(torch.int8)  # C roundf, not banker's
-    packed = torch.cat((d.to(torch.float16).view(torch.uint8), q.view(torch.uint8)), dim=1)
-    return packed.reshape(*lead, k // 32 * 34).numpy()
+    raise CodeLlamaError((f"{path}: " if path else "") + f"GGUF tensor {shown(name, 80)} is not part of a LLaMA model")
 
 
 # ---- reading --------------------------------------------------------------------------------------
@@ -187,127 +88,97 @@ def _require_gguf():
     return gguf
 
 
-@dataclass
-class GGUFFile:
-    """An opened GGUF file: metadata as plain Python values, tensors by llama.cpp name."""
-
-    path: Path
-    metadata: dict[str, Any]
-    tensors: dict[str, Any]  # name -> gguf.ReaderTensor
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.metadata.get(key, default)
-
-    def type_name(self, name: str) -> str:
-        return self.tensors[name].tensor_type.name
-
-    def file_type(self) -> str:
-        """The dominant stored type of the 2-D weights ("F16", "Q4_K", ...)."""
-        counts: dict[str, int] = {}
-        for t in self.tensors.values():
-            if len(t.shape) == 2:
-                counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
-        return max(counts, key=counts.get) if counts else "F32"
-
-
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Open ``path`` with llama.cpp's reader; malformed or truncated files give one-line errors."""
-    gguf = _require_gguf()
-    path = Path(path)
-    if not path.is_file():
-        raise CodeLlamaError(f"GGUF file not found: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise CodeLlamaError(f"{path} is not a GGUF file (bad magic)")
-    try:
-        reader = gguf.GGUFReader(path)
-    except ValueError as e:
-        msg = str(e)
-        m = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", msg)
-        if m:
-            raise CodeLlamaError(f"{path}: unknown GGUF tensor type id {m.group(1)} "
-                                 f"(supported: {', '.join(SUPPORTED_TYPES)})") from None
-        raise CodeLlamaError(f"{path}: malformed or truncated GGUF file ({msg})") from None
-    except (IndexError, OverflowError, UnicodeDecodeError, TypeError, KeyError) as e:
-        # The reader walks a memory map: a cut-off header shows up as an out-of-range read.
-        raise CodeLlamaError(f"{path}: malformed or truncated GGUF file ({type(e).__name__}: {e})") from None
-    tensors = {}
-    for t in reader.tensors:
-        end = t.data_offset + t.n_bytes
-        if end > size:
-            raise CodeLlamaError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte {end} "
-                                 f"but the file has {size} bytes")
-        tensors[t.name] = t
-    metadata = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            metadata[key] = field.contents()
-        except Exception as e:  # an undecodable value: keep going, it matters only if we need that key
-            metadata[key] = _Unreadable(f"{type(e).__name__}: {e}")
-    return GGUFFile(path=path, metadata=metadata, tensors=tensors)
-
-
-class _Unreadable:
-    def __init__(self, why: str):
-        self.why = why
-
-
 def _meta(f: GGUFFile, key: str, default: Any = ..., kind: type | tuple[type, ...] = (int, float)) -> Any:
     value = f.metadata.get(key, default)
     if value is ...:
         raise CodeLlamaError(f"{f.path}: GGUF metadata lacks {key!r}")
-    if isinstance(value, _Unreadable):
+    if isinstance(value, Unreadable):
         raise CodeLlamaError(f"{f.path}: GGUF metadata {key!r} is unreadable ({value.why})")
     if value is not None and value is not default and not isinstance(value, kind):
-        raise CodeLlamaError(f"{f.path}: GGUF metadata {key!r} has unexpected value {value!r}")
+        raise CodeLlamaError(f"{f.path}: GGUF metadata {key!r} has unexpected value {shown(value)}")
     return value
+
+
+# Our config field -> the GGUF key that states it, for messages.
+_GGUF_KEYS = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
+              "n_heads": "llama.attention.head_count", "n_kv_heads": "llama.attention.head_count_kv",
+              "vocab_size": "llama.vocab_size", "hidden_dim": "llama.feed_forward_length",
+              "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
+              "max_seq_len": "llama.context_length"}
 
 
 def config_from_gguf(f: GGUFFile) -> ModelConfig:
     """Hyper-parameters from ``llama.*`` metadata (rope.freq_base included: Code Llama needs 1e6, not 1e4)."""
     arch = f.get("general.architecture")
-    if arch != ARCHITECTURE:
-        raise CodeLlamaError(f"{f.path}: GGUF architecture {arch!r} is not supported; only {ARCHITECTURE!r} "
-                             "(Llama / Code Llama) files can be loaded")
-    a = ARCHITECTURE
-    dim = _meta(f, f"{a}.embedding_length", kind=int)
-    n_heads = _meta(f, f"{a}.attention.head_count", kind=int)
-    n_kv = _meta(f, f"{a}.attention.head_count_kv", n_heads, kind=int)
-    rope_dims = _meta(f, f"{a}.rope.dimension_count", dim // n_heads, kind=int)
-    if rope_dims != dim // n_heads:
-        raise CodeLlamaError(f"{f.path}: partial rotary embeddings ({rope_dims} of {dim // n_heads} dims) "
+    if not isinstance(arch, str) or arch != ARCHITECTURE:  # (metadata may hold arrays: compare strings only)
+        raise CodeLlamaError(f"{f.path}: GGUF architecture {shown(arch)} is not supported; only "
+                             f"{ARCHITECTURE!r} (Llama / Code Llama) files can be loaded")
+    scaling = f.get(f"{ARCHITECTURE}.rope.scaling.type")
+    if scaling is not None and not (isinstance(scaling, str) and scaling == "none"):
+        raise CodeLlamaError(f"{f.path}: RoPE scaling {shown(scaling)} is not supported (Code Llama uses none)")
+    values = {field: _meta(f, key, None) for field, key in _GGUF_KEYS.items()}
+    for field in ("dim", "n_layers", "n_heads", "hidden_dim"):
+        if values[field] is None:
+            raise CodeLlamaError(f"{f.path}: GGUF metadata lacks {_GGUF_KEYS[field]!r}")
+    if values["vocab_size"] is None:
+        tokens, embedding = f.get("tokenizer.ggml.tokens"), f.tensors.get("token_embd.weight")
+        if isinstance(tokens, list):
+            values["vocab_size"] = len(tokens)
+        elif embedding is not None and len(embedding.dims) == 2:
+            values["vocab_size"] = embedding.shape[0]
+        else:
+            raise CodeLlamaError(f"{f.path}: cannot tell the vocabulary size (no llama.vocab_size, no tokens)")
+    defaults = {"norm_eps": 1e-5, "rope_theta": 10_000.0, "max_seq_len": 16384}  # llama.cpp's when absent
+    values.update({k: v for k, v in defaults.items() if values[k] is None})
+    config = ModelConfig.checked(str(f.path), values, _GGUF_KEYS)  # types and ranges before any arithmetic
+    rope_dims = _meta(f, f"{ARCHITECTURE}.rope.dimension_count", config.head_dim)
+    if rope_dims != config.head_dim:
+        raise CodeLlamaError(f"{f.path}: partial rotary embeddings ({shown(rope_dims)} of {config.head_dim} dims) "
                              "are not supported")
-    scaling = f.get(f"{a}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise CodeLlamaError(f"{f.path}: RoPE scaling {scaling!r} is not supported (Code Llama uses none)")
-    vocab = _meta(f, f"{a}.vocab_size", None, kind=int)
-    if vocab is None:
-        tokens = f.get("tokenizer.ggml.tokens")
-        vocab = len(tokens) if isinstance(tokens, list) else int(f.tensors["token_embd.weight"].shape[-1])
-    return ModelConfig(
-        dim=dim, n_layers=_meta(f, f"{a}.block_count", kind=int), n_heads=n_heads, n_kv_heads=n_kv,
-        vocab_size=vocab, hidden_dim=_meta(f, f"{a}.feed_forward_length", kind=int),
-        norm_eps=float(_meta(f, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-        # llama.cpp's default when the key is absent is Llama's 10,000.
-        rope_theta=float(_meta(f, f"{a}.rope.freq_base", 10_000.0)),
-        max_seq_len=_meta(f, f"{a}.context_length", 16384, kind=int),
-        name=str(f.get("general.name") or ""),
-    )
+    config.name = clean_name(f.get("general.name"))
+    return config
 
 
 def tensor_from_gguf(f: GGUFFile, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
     """One tensor, decoded to ``dtype`` with the PyTorch shape ([out, in] for weights)."""
     t = f.tensors[name]
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    kind = t.tensor_type.name
-    if kind in ("F32", "F16"):
-        out = torch.from_numpy(np.array(t.data, copy=True)).reshape(shape)
+    raw = f.data(name)
+    if t.type_name in ("F32", "F16"):
+        out = torch.from_numpy(raw.view(np.float32 if t.type_name == "F32" else np.float16).copy()).reshape(t.shape)
     else:
-        out = dequantize(t.data, kind, shape)
+        out = dequantize(raw, t.type_name, t.shape)
     return out.to(dtype)
+
+
+def _tensor_plan(f: GGUFFile, config: ModelConfig) -> dict[str, str]:
+    """Our tensor name -> the file's, after checking every name, shape and type against the config; nothing
+    is decoded or built before the whole file is known to fit."""
+    expected = expected_shapes(config)
+    present: dict[str, str] = {}
+    for gname in f.tensors:
+        ours = from_gguf_name(gname, f.path)
+        if ours is not None:
+            present[ours] = gname
+    if "output.weight" not in present and "tok_embeddings.weight" in present:
+        # llama.cpp falls back to the embedding when a file has no output matrix (tied weights).
+        present["output.weight"] = present["tok_embeddings.weight"]
+    missing = [k for k in expected if k not in present]
+    if missing:
+        raise CodeLlamaError(f"{f.path}: GGUF file lacks tensors: {', '.join(to_gguf_name(m) for m in missing[:4])}"
+                             + (f" ... ({len(missing)} in all)" if len(missing) > 4 else ""))
+    extra = [present[k] for k in present if k not in expected]
+    if extra:
+        raise CodeLlamaError(f"{f.path}: GGUF tensor {shown_name(extra[0])} is not part of a model with "
+                             f"{config.n_layers} layers")
+    for ours, gname in present.items():
+        t = f.tensors[gname]
+        if t.shape != expected[ours]:
+            raise CodeLlamaError(f"{f.path}: GGUF tensor {gname} has shape {t.shape}, "
+                                 f"expected {expected[ours]} from the metadata")
+        if t.type_name not in SUPPORTED_TYPES:
+            raise CodeLlamaError(f"{f.path}: GGUF tensor {gname} has unsupported GGUF tensor type {t.type_name} "
+                                 f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    return present
 
 
 def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -316,6 +187,8 @@ def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dty
 
     With ``quantize`` ("int8" / "int4") each linear weight is re-quantized as soon as it is decoded, so a
     Q4_K file becomes an int4 model without ever holding the whole model in float."""
+    from dataclasses import replace
+
     from torch import nn
 
     from .model import Transformer
@@ -323,27 +196,10 @@ def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dty
     f = read_gguf(path)
     config = config_from_gguf(f)
     if max_seq_len is not None:
-        config.max_seq_len = max_seq_len
+        config = replace(config, max_seq_len=max_seq_len)
+    present = _tensor_plan(f, config)
     with torch.device("meta"):
         model = Transformer(config)
-    expected = dict(model.state_dict())
-    present: dict[str, str] = {}
-    for gname in f.tensors:
-        ours = from_gguf_name(gname)
-        if ours is not None:
-            present[ours] = gname
-    if "output.weight" not in present and "tok_embeddings.weight" in present:
-        # llama.cpp falls back to the embedding when a file has no output matrix (tied weights).
-        present["output.weight"] = present["tok_embeddings.weight"]
-    missing = sorted(set(expected) - set(present))
-    if missing:
-        raise CodeLlamaError(f"{f.path}: GGUF file lacks tensors: {', '.join(to_gguf_name(m) for m in missing[:4])}"
-                             + (" ..." if len(missing) > 4 else ""))
-    for ours, gname in present.items():  # every shape before any decoding: fail fast on a mismatched file
-        shape = tuple(int(d) for d in reversed(f.tensors[gname].shape.tolist()))
-        if shape != tuple(expected[ours].shape):
-            raise CodeLlamaError(f"{f.path}: GGUF tensor {gname} has shape {shape}, "
-                                 f"expected {tuple(expected[ours].shape)} from the metadata")
     linears = {name for name, m in model.named_modules() if type(m) is nn.Linear}
     if quantize is not None:
         from .quantize import quantize_weight
@@ -360,6 +216,41 @@ def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dty
     return model.to(device).eval()
 
 
+_TOKEN_TYPES = range(1, 7)  # SentencePiece's NORMAL=1 ... BYTE=6, which GGUF's token types reuse
+
+
+def _token_id(f: GGUFFile, key: str, default: int, n_tokens: int, allow_none: bool = False) -> int:
+    value = _meta(f, key, default, kind=int)
+    if isinstance(value, bool) or not (0 <= value < n_tokens or (allow_none and value == -1)):
+        raise CodeLlamaError(f"{f.path}: GGUF metadata {key!r} = {shown(value)} is not a token id "
+                             f"(0..{n_tokens - 1})")
+    return value
+
+
+def _tokenizer_arrays(f: GGUFFile) -> tuple[list[str], list[float], list[int]]:
+    """tokens, scores and types, checked: one entry each per token, scores finite-or-not floats, known types."""
+    tokens = _meta(f, "tokenizer.ggml.tokens", kind=list)
+    if not 1 <= len(tokens) <= LIMITS.max_vocab:
+        raise CodeLlamaError(f"{f.path}: GGUF vocabulary of {len(tokens)} tokens is out of range "
+                             f"(1..{LIMITS.max_vocab})")
+    scores = _meta(f, "tokenizer.ggml.scores", None, kind=np.ndarray)
+    types = _meta(f, "tokenizer.ggml.token_type", None, kind=np.ndarray)
+    scores = [0.0] * len(tokens) if scores is None else scores
+    types = [1] * len(tokens) if types is None else types
+    if not (len(tokens) == len(scores) == len(types)):
+        raise CodeLlamaError(f"{f.path}: GGUF tokenizer arrays disagree in length "
+                             f"({len(tokens)} tokens, {len(scores)} scores, {len(types)} types)")
+    if isinstance(scores, np.ndarray) and scores.dtype.kind not in "fiu":
+        raise CodeLlamaError(f"{f.path}: GGUF tokenizer.ggml.scores must be numbers")
+    if isinstance(types, np.ndarray):
+        if types.dtype.kind not in "iu":
+            raise CodeLlamaError(f"{f.path}: GGUF tokenizer.ggml.token_type must be integers")
+        bad = types[(types < 1) | (types > 6)]
+        if bad.size:
+            raise CodeLlamaError(f"{f.path}: GGUF token type {int(bad[0])} is not one of 1..6")
+    return list(tokens), [float(s) for s in scores], [int(t) for t in types]
+
+
 def tokenizer_proto_from_gguf(f: GGUFFile) -> bytes:
     """A serialized SentencePiece ModelProto rebuilt from ``tokenizer.ggml.*``: pieces, scores and types are all
     a BPE SentencePiece model needs to encode; the normalizer is Llama's (identity, dummy prefix, spaces kept)."""
@@ -368,49 +259,53 @@ def tokenizer_proto_from_gguf(f: GGUFFile) -> bytes:
     model = f.get("tokenizer.ggml.model")
     if model is None:
         raise CodeLlamaError(f"{f.path}: GGUF file has no tokenizer metadata; pass a tokenizer.model")
-    if model != "llama":
-        raise CodeLlamaError(f"{f.path}: GGUF tokenizer model {model!r} is not supported; only SentencePiece "
+    if not isinstance(model, str) or model != "llama":
+        raise CodeLlamaError(f"{f.path}: GGUF tokenizer model {shown(model)} is not supported; only SentencePiece "
                              "('llama') vocabularies can be rebuilt — pass a tokenizer.model")
-    tokens = _meta(f, "tokenizer.ggml.tokens", kind=list)
-    scores = _meta(f, "tokenizer.ggml.scores", [0.0] * len(tokens), kind=list)
-    types = _meta(f, "tokenizer.ggml.token_type", [1] * len(tokens), kind=list)
-    if not (len(tokens) == len(scores) == len(types)):
-        raise CodeLlamaError(f"{f.path}: GGUF tokenizer arrays disagree in length "
-                             f"({len(tokens)} tokens, {len(scores)} scores, {len(types)} types)")
+    tokens, scores, types = _tokenizer_arrays(f)
+    n = len(tokens)
     proto = sentencepiece_model_pb2.ModelProto()
     ts = proto.trainer_spec
     ts.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
-    ts.vocab_size = len(tokens)
+    ts.vocab_size = n
     # GGUF token types use SentencePiece's numbering (NORMAL=1 ... BYTE=6), so they carry over unchanged.
     ts.byte_fallback = 6 in types
-    ts.unk_id = _meta(f, "tokenizer.ggml.unknown_token_id", types.index(2) if 2 in types else 0, kind=int)
-    ts.bos_id = _meta(f, "tokenizer.ggml.bos_token_id", 1, kind=int)
-    ts.eos_id = _meta(f, "tokenizer.ggml.eos_token_id", 2, kind=int)
-    pad = _meta(f, "tokenizer.ggml.padding_token_id", -1, kind=int)
+    ts.unk_id = _token_id(f, "tokenizer.ggml.unknown_token_id", types.index(2) if 2 in types else 0, n)
+    ts.bos_id = _token_id(f, "tokenizer.ggml.bos_token_id", min(1, n - 1), n)
+    ts.eos_id = _token_id(f, "tokenizer.ggml.eos_token_id", min(2, n - 1), n)
+    pad = _token_id(f, "tokenizer.ggml.padding_token_id", -1, n, allow_none=True)
     # llama.cpp converters often write pad = unk (id 0) for Llama; SentencePiece forbids reusing an id.
     ts.pad_id = -1 if pad in (ts.unk_id, ts.bos_id, ts.eos_id) else pad
     for key, idx in (("unk_piece", ts.unk_id), ("bos_piece", ts.bos_id), ("eos_piece", ts.eos_id),
                      ("pad_piece", ts.pad_id)):
-        if 0 <= idx < len(tokens):
+        if 0 <= idx < n:
             setattr(ts, key, tokens[idx])
     ns = proto.normalizer_spec
     ns.name = "identity"
-    ns.add_dummy_prefix = bool(f.get("tokenizer.ggml.add_space_prefix", True))
+    ns.add_dummy_prefix = _meta(f, "tokenizer.ggml.add_space_prefix", True, kind=bool)
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
     for piece, score, kind in zip(tokens, scores, types):
         p = proto.pieces.add()
-        p.piece, p.score, p.type = piece, float(score), int(kind)
+        p.piece, p.score, p.type = piece, score, kind
     return proto.SerializeToString()
 
 
 def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
-    return Tokenizer(tokenizer_proto_from_gguf(read_gguf(path)))
+    f = read_gguf(path)
+    proto = tokenizer_proto_from_gguf(f)
+    try:
+        return Tokenizer(proto)
+    except CodeLlamaError as e:  # SentencePiece's own refusal (duplicate or empty pieces ...): one line
+        raise CodeLlamaError(f"{f.path}: the GGUF vocabulary is not a valid SentencePiece model "
+                             f"({shown_name(str(e).splitlines()[0] if str(e) else '', 120)})") from None
 
 
 def describe_gguf(path: str | Path) -> dict[str, Any]:
     f = read_gguf(path)
-    return {"config": config_from_gguf(f), "format": "gguf", "dtype": f.file_type(), "files": [str(f.path)]}
+    config = config_from_gguf(f)
+    _tensor_plan(f, config)  # what a load would check, minus the decoding
+    return {"config": config, "format": "gguf", "dtype": f.file_type(), "files": [str(f.path)]}
 
 
 # ---- writing --------------------------------------------------------------------------------------

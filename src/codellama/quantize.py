@@ -27,14 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint_files import confined_file
 from .config import ModelConfig
+from .config_validation import shown, shown_name
 from .errors import CodeLlamaError
+from .quantized_files import FORMAT_VERSION, QUANT_FILE, WEIGHTS_FILE, check_stored, read_config, read_record
+from .safetensors_io import read_safetensors_header
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
-QUANT_FILE = "quantization.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
 KERNEL_DTYPE = torch.bfloat16  # activations for the packed kernels (see the module docstring)
 # The kernel and the fallback see the same weights; they differ by bfloat16 rounding of activations and
 # accumulation order. A kernel further off than this relative to the output's scale is treated as broken.
@@ -385,57 +386,58 @@ def _dominant_mode(layers: dict[str, str]) -> str:
     return max(set(modes), key=modes.count) if modes else "int8"
 
 
-def load_quantized(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                   max_seq_len: int | None = None) -> nn.Module:
-    """A quantized checkpoint written by ``save_quantized``; ``dtype`` is the activation dtype."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _quantized_skeleton(root: Path, config: ModelConfig, layers: dict[str, str], dtype: torch.dtype) -> nn.Module:
+    """The model of ``config`` on the meta device with the recorded layers swapped for quantized ones."""
     from .model import Transformer
 
-    root = Path(path).expanduser()
-    try:
-        info = json.loads((root / QUANT_FILE).read_text())
-        layers: dict[str, str] = info["layers"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CodeLlamaError(f"{root / QUANT_FILE} is not a valid quantization record ({e})") from None
-    if info.get("format_version", 0) > FORMAT_VERSION:
-        raise CodeLlamaError(f"{root} was written by a newer codellama (quantization format "
-                             f"{info['format_version']}); upgrade to load it")
-    config = ModelConfig.from_params(root / "params.json")
-    if max_seq_len is not None:
-        config.max_seq_len = int(max_seq_len)
-    try:
-        state = load_file(str(root / WEIGHTS_FILE))
-    except (OSError, SafetensorError) as e:
-        raise CodeLlamaError(f"cannot read {root / WEIGHTS_FILE}: {e}") from None
-    device = torch.device("cpu") if device is None else torch.device(device)
-    dtype = dtype or getattr(torch, info.get("dtype", "float32"))
     with torch.device("meta"):
         model = Transformer(config)
     for name, kind in layers.items():
         parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child_name, None)
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            parent = None
+        old = getattr(parent, child_name, None) if parent is not None else None
         if not isinstance(old, nn.Linear):
-            raise CodeLlamaError(f"{root}: quantized layer {name} does not exist in this model")
+            raise CodeLlamaError(f"{root}: quantized layer {shown_name(name)} does not exist in this model")
+        group = kind.removeprefix("int4/g")
         if kind == "int8":
             new: QuantLinear = Int8Linear(old.in_features, old.out_features, dtype, "meta")
-        elif kind.startswith("int4/g"):
-            new = Int4Linear(old.in_features, old.out_features, int(kind.removeprefix("int4/g")), dtype, "meta")
+        elif kind.startswith("int4/g") and group.isdigit() and int(group) in GROUP_SIZES \
+                and old.in_features % int(group) == 0:
+            new = Int4Linear(old.in_features, old.out_features, int(group), dtype, "meta")
         else:
-            raise CodeLlamaError(f"{root}: unknown quantization {kind!r} for layer {name}")
+            raise CodeLlamaError(f"{root}: unknown quantization {shown(kind)} for layer {shown_name(name)}")
         setattr(parent, child_name, new)
+    return model
+
+
+def load_quantized(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   max_seq_len: int | None = None) -> nn.Module:
+    """A quantized checkpoint written by ``save_quantized``; ``dtype`` is the activation dtype."""
+    from dataclasses import replace
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    root = Path(path).expanduser()
+    info = read_record(root)
+    config = read_config(root)
+    if max_seq_len is not None:
+        config = replace(config, max_seq_len=max_seq_len)
+    weights = confined_file(root, WEIGHTS_FILE, "weights file")
+    stored = read_safetensors_header(weights)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    dtype = dtype or getattr(torch, info.get("dtype", "float32"))
+    model = _quantized_skeleton(root, config, info["layers"], dtype)
     expected = model.state_dict()
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    if missing or unexpected:
-        detail = ", ".join(sorted(missing)[:3]) or ", ".join(sorted(unexpected)[:3])
-        raise CodeLlamaError(f"{root}: quantized weights do not match the model ({len(missing)} missing, "
-                             f"{len(unexpected)} unexpected: {detail})")
+    check_stored(root, stored, expected)
+    try:
+        state = load_file(str(weights))
+    except (OSError, SafetensorError) as e:
+        raise CodeLlamaError(f"cannot read {weights}: {e}") from None
     for name, t in state.items():
-        if t.shape != expected[name].shape:
-            raise CodeLlamaError(f"{root}: tensor {name} has shape {tuple(t.shape)}, expected "
-                                 f"{tuple(expected[name].shape)}")
         if expected[name].is_floating_point() and not name.endswith(("scales", "zeros")):
             state[name] = t.to(dtype)
         else:
@@ -447,6 +449,22 @@ def load_quantized(path: str | Path, *, device: torch.device | str | None = None
     return model.to(device).eval()
 
 
+def describe_quantized(path: str | Path) -> dict[str, Any]:
+    """``describe_checkpoint``'s record for a quantized directory: its JSON files and the weights' header,
+    checked against each other like a load would (no tensor data is read)."""
+    root = Path(path).expanduser()
+    info = read_record(root)
+    config = read_config(root)
+    stored = read_safetensors_header(confined_file(root, WEIGHTS_FILE, "weights file"))
+    dtype = getattr(torch, info.get("dtype", "float32"))
+    check_stored(root, stored, _quantized_skeleton(root, config, info["layers"], dtype).state_dict())
+    mode = info.get("mode", "?") + (f"/g{info['group_size']}" if info.get("group_size") else "")
+    files = [p.name for p in (root / "params.json", root / WEIGHTS_FILE, root / QUANT_FILE, root / "tokenizer.model")
+             if p.is_file()]
+    return {"config": config, "format": f"quantized {mode}", "dtype": info.get("dtype"), "files": files,
+            "shards": None}
+
+
 __all__ = [
     "MODES", "GROUP_SIZES", "quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4",
     "pack_int4", "unpack_int4", "Int8Linear", "Int4Linear", "QuantLinear", "quantize_model",
@@ -454,16 +472,3 @@ __all__ = [
     "set_kernels",
 ]
 
-
-def describe_quantized(path: str | Path) -> dict[str, Any]:
-    """``describe_checkpoint``'s record for a quantized directory, from its JSON files only."""
-    root = Path(path).expanduser()
-    try:
-        info = json.loads((root / QUANT_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CodeLlamaError(f"{root / QUANT_FILE} is not a valid quantization record ({e})") from None
-    mode = info.get("mode", "?") + (f"/g{info['group_size']}" if info.get("group_size") else "")
-    files = [p.name for p in (root / "params.json", root / WEIGHTS_FILE, root / QUANT_FILE, root / "tokenizer.model")
-             if p.is_file()]
-    return {"config": ModelConfig.from_params(root / "params.json"), "format": f"quantized {mode}",
-            "dtype": info.get("dtype"), "files": files, "shards": None}
