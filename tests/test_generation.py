@@ -388,3 +388,21 @@ def test_kv_cache_is_sized_to_the_request(sharp_model, monkeypatch):
     [cache] = made
     assert cache.k.shape[1] == 2 and cache.size == 7 + 10 - 1  # the last new token is never fed back
     assert cache.nbytes() == request_memory(sharp_model, 2, 7, cache.size, 2048)["kv_cache"]
+
+
+def test_seed_beyond_2_pow_64_is_a_user_error_in_the_api_and_the_cli(sharp_model, tiny_tok, capsys):
+    # torch.Generator.manual_seed overflowed on 2**64: a ValueError from deep inside, an "internal error" in the CLI.
+    llama = CodeLlama(sharp_model, tiny_tok)
+    for call in (lambda **kw: llama.complete("x", **kw), lambda **kw: llama.infill("a", "b", **kw),
+                 lambda **kw: llama.chat([{"role": "user", "content": "hi"}], **kw)):
+        with pytest.raises(CodeLlamaError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+            call(max_new_tokens=2, temperature=0.8, seed=2**64)
+    # The top seed works, and n rows from it wrap around to seed 0, 1, ... (mod 2**64).
+    wrapped = llama.complete(["x", "x"], max_new_tokens=6, temperature=0.8, seed=2**64 - 1)
+    assert wrapped[1].tokens == llama.complete("x", max_new_tokens=6, temperature=0.8, seed=0).tokens
+
+    from codellama import cli
+    capsys.readouterr()
+    assert cli.main(["complete", "x", "--temperature", "0.8", "--seed", str(2**64)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: seed must be an integer in [0, 2**64)") and err.count("\n") == 1

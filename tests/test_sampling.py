@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from codellama.errors import CodeLlamaError
 from codellama.sampling import (SamplingParams, filtered_probs, make_generator, nucleus, sample, sample_row,
@@ -108,3 +110,71 @@ def test_token_logprobs_are_log_softmax():
     lp = token_logprobs(logits, [2, 1])
     assert lp[0] == pytest.approx(3.0 - math.log(math.e + math.e**2 + math.e**3), abs=1e-6)
     assert lp[1] == pytest.approx(-math.log(3.0), abs=1e-6)
+
+
+# ---- hostile values (issue 12): no inf/nan, no exception, a valid token for everything we accept -------------
+def test_seed_range_is_0_to_2_pow_64_and_batch_offsets_wrap():
+    validate_sampling(seed=0)
+    validate_sampling(seed=2**64 - 1)
+    for seed in (2**64, -1, 10**400):
+        with pytest.raises(CodeLlamaError, match=r"seed must be an integer in \[0, 2\*\*64\)") as e:
+            validate_sampling(seed=seed)
+        assert "\n" not in str(e.value) and len(str(e.value)) < 120  # a 400-digit seed is not echoed
+    # Row i of a batch samples with (seed + i) mod 2**64: the top seed's next row is seed 0.
+    top = make_generator(SamplingParams(temperature=1.0, seed=2**64 - 1), offset=1)
+    assert top.initial_seed() == 0
+
+
+def test_huge_integer_temperature_is_a_one_line_error_not_an_overflow():
+    for kwargs in (dict(temperature=10**400), dict(top_p=10**400)):
+        with pytest.raises(CodeLlamaError):
+            validate_sampling(**kwargs)
+
+
+def test_tiny_temperature_is_greedy_instead_of_overflowing():
+    # 3e-38 made logits / temperature overflow to inf and the softmax NaN: multinomial raised mid-batch.
+    logits = torch.tensor([[12.0, 40.0, -7.0, 39.5], [3.0, -1.0, 2.0, 8.0]])
+    params = [SamplingParams(temperature=3e-38, seed=1), SamplingParams(temperature=1e-6, seed=2)]
+    assert all(p.greedy for p in params) and make_generator(params[0]) is None
+    assert sample(logits, params, [make_generator(p) for p in params]) == [1, 3]
+    # Just above the greedy threshold the maths is still finite: a point mass on the argmax.
+    probs = filtered_probs(logits, temperature=2e-5)
+    assert torch.isfinite(probs).all() and probs.argmax(dim=-1).tolist() == [1, 3]
+    assert torch.allclose(probs.sum(dim=-1), torch.ones(2))
+
+
+def test_nan_and_infinite_logits_give_a_finite_distribution():
+    nan, inf = float("nan"), float("inf")
+    probs = filtered_probs(torch.tensor([nan, 1.0, -inf, 0.0]), temperature=1.0)
+    assert probs[0] == 0 and probs[2] == 0 and torch.allclose(probs, torch.tensor([0, 0.7311, 0, 0.2689]), atol=1e-4)
+    assert filtered_probs(torch.tensor([inf, 5.0, inf]), temperature=1.0).tolist() == [0.5, 0.0, 0.5]
+    assert filtered_probs(torch.full((4,), nan), temperature=0.7).tolist() == [0.25] * 4  # nothing to prefer
+    assert filtered_probs(torch.tensor([1.0, -inf]), temperature=1e300).tolist() == [1.0, 0.0]
+    assert filtered_probs(torch.tensor([2.0, 1.0, 0.0]), temperature=1.0, top_k=10**30).sum() == pytest.approx(1)
+
+
+_EXTREME_FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                            st.sampled_from([0.0, -0.0, 3.4e38, -3.4e38, 1e-45, 88.7, -88.7, 1e4]))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(logits=st.lists(_EXTREME_FLOATS, min_size=1, max_size=12),
+       temperature=st.one_of(st.floats(0.0, 1e308), st.sampled_from([0.0, 3e-38, 1e-5, 1.0000001e-5, 2.0])),
+       top_p=st.one_of(st.floats(0.0, 1.0, exclude_min=True), st.sampled_from([5e-324, 1e-300, 1.0])),
+       top_k=st.one_of(st.integers(0, 20), st.integers(0, 2**70)),
+       seed=st.integers(0, 2**64 - 1), batch_row=st.integers(0, 3))
+def test_fuzz_sampling_always_returns_a_valid_token(logits, temperature, top_p, top_k, seed, batch_row):
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    row = torch.tensor(logits, dtype=torch.float32)
+    token = sample_row(row, params, make_generator(params, offset=batch_row))
+    assert isinstance(token, int) and 0 <= token < len(logits)
+    if not params.greedy:
+        probs = filtered_probs(row, temperature, top_k, top_p)
+        assert torch.isfinite(probs).all() and (probs >= 0).all()
+        assert probs.sum().item() == pytest.approx(1.0, abs=1e-4)
+        assert probs[token] > 0  # never a token the filters removed
+    # The batched entry point agrees with the row one, next to a well-behaved row.
+    batch = torch.stack([row, torch.zeros(len(logits))])
+    other = SamplingParams()
+    got = sample(batch, [params, other], [make_generator(params, offset=batch_row), None])
+    assert got[0] == token and 0 <= got[1] < len(logits)

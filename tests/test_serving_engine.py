@@ -179,3 +179,95 @@ def test_engine_arguments_are_checked(llama):
                           ({"context": 1}, "at least 2"), ({"max_batch_size": 10**8, "context": 128}, "lower")]:
         with pytest.raises(CodeLlamaError, match=match):
             Engine(llama, **kwargs)
+
+
+# ---- one request's trouble stays its own (issue 12) -------------------------------------------------------
+def _events(sink: QueueSink, timeout: float = 30.0) -> list:
+    """All events up to the final one; fails instead of hanging if the final event never comes."""
+    events = []
+    while not (events and events[-1].done):
+        events.append(sink._q.get(timeout=timeout))  # raises queue.Empty: a sequence left without an answer
+    return events
+
+
+def test_a_tiny_temperature_in_the_batch_fails_nobody(llama):
+    # Tiny temperatures used to overflow logits / temperature to inf (NaN after the softmax) in the batched
+    # sampling step, and the engine failed every running row.
+    kwargs = [dict(max_tokens=30), dict(max_tokens=30, temperature=3e-38, seed=3),
+              dict(max_tokens=30, temperature=0.9, top_p=0.9, seed=7), dict(max_tokens=30, temperature=1e-40)]
+    solo = [llama.complete(PROMPTS[0], max_new_tokens=30), llama.complete(PROMPTS[1], max_new_tokens=30),
+            llama.complete(PROMPTS[2], max_new_tokens=30, temperature=0.9, top_p=0.9, seed=7),
+            llama.complete(PROMPTS[3], max_new_tokens=30)]
+    engine = Engine(llama, max_batch_size=4, threads=1).start()
+    try:
+        sinks = [QueueSink() for _ in kwargs]
+        engine.submit([seq for i, kw in enumerate(kwargs) for seq in make_sequences(
+            llama, build_job(llama, "complete", prompt=PROMPTS[i]), sink=lambda _, e, s=sinks[i]: s(e), **kw)])
+        finals = [_events(sink)[-1] for sink in sinks]
+        assert [f.error for f in finals] == [None] * 4 and engine.stats.errors == 0
+        # Below MIN_TEMPERATURE sampling is greedy: the tiny-temperature rows are their greedy solo runs.
+        assert [f.completion.tokens for f in finals] == [w.tokens for w in solo]
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("where", ["sampling", "text", "finishing"])
+def test_a_row_that_raises_fails_alone_and_the_others_equal_their_solo_runs(llama, monkeypatch, where):
+    from codellama.serving import scheduler
+
+    poison = build_job(llama, "complete", prompt=PROMPTS[3])
+    calls = []
+
+    def fail_on_fifth_call() -> None:
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("poisoned row")
+    if where == "sampling":  # the poisoned row samples with seed 666; its fifth draw raises
+        real = scheduler.sample_row
+
+        def sample_row(logits, params, generator):
+            if params.seed == 666:
+                fail_on_fifth_call()
+            return real(logits, params, generator)
+        monkeypatch.setattr(scheduler, "sample_row", sample_row)
+    elif where == "text":  # decoding its text raises part-way
+        decode = poison.decode
+
+        def flaky(ids):
+            fail_on_fifth_call()
+            return decode(ids)
+        poison.decode = flaky
+    else:  # building its final completion raises
+        real_completion = scheduler._completion
+
+        def completion(job, *args):
+            if job is poison:
+                raise RuntimeError("poisoned row")
+            return real_completion(job, *args)
+        monkeypatch.setattr(scheduler, "_completion", completion)
+
+    solo = [llama.complete(PROMPTS[0], max_new_tokens=25),
+            llama.complete(PROMPTS[1], max_new_tokens=40, temperature=0.9, top_p=0.9, seed=7)]
+    engine = Engine(llama, max_batch_size=3, threads=1).start()
+    try:
+        sinks = [QueueSink() for _ in range(3)]
+        seqs = (make_sequences(llama, build_job(llama, "complete", prompt=PROMPTS[0]), max_tokens=25,
+                               sink=lambda _, e: sinks[0](e))
+                + make_sequences(llama, build_job(llama, "complete", prompt=PROMPTS[1]), max_tokens=40,
+                                 temperature=0.9, top_p=0.9, seed=7, sink=lambda _, e: sinks[1](e))
+                + make_sequences(llama, poison, max_tokens=10, temperature=0.5 if where == "sampling" else 0.0,
+                                 seed=666, sink=lambda _, e: sinks[2](e)))
+        engine.submit(seqs)  # one submit: all three share the batch from the first step
+        events = [_events(sink) for sink in sinks]
+        failed = events[2]
+        assert [e.done for e in failed].count(True) == 1 and failed[-1].done  # exactly one final event
+        assert failed[-1].error == "generation failed: RuntimeError: poisoned row" and failed[-1].completion is None
+        for got, want in zip(events[:2], solo):
+            final = got[-1].completion
+            assert got[-1].error is None and final.tokens == want.tokens and final.text == want.text
+            assert "".join(e.text for e in got) == want.text
+        assert engine.stats.errors == 1 and engine.active == 0
+        after = _events(_run(engine, llama, PROMPTS[4], max_tokens=12))[-1].completion
+        assert after.text == llama.complete(PROMPTS[4], max_new_tokens=12).text
+    finally:
+        engine.stop()

@@ -88,9 +88,11 @@ class CodeLlama:
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
                  logprobs: bool = False, echo: bool = False, stream: bool = False,
                  prefill_chunk: int = 2048) -> "Completion | list[Completion] | Iterator[str]":
-        """Continue ``prompt`` (greedy unless ``temperature > 0``). A list of prompts runs as one batch and
-        returns a list. ``stream=True`` returns an iterator of text deltas (its return value is the
-        ``Completion``). ``prompt + completion.text == decode(bos + prompt ids + completion.tokens)``."""
+        """Continue ``prompt`` (greedy unless ``temperature > 0``; below ``sampling.MIN_TEMPERATURE`` is greedy
+        too). A list of prompts runs as one batch and returns a list. ``stream=True`` returns an iterator of
+        text deltas (its return value is the ``Completion``). ``seed`` is an integer in ``[0, 2**64)``; prompt
+        ``i`` of a batch samples with ``(seed + i) mod 2**64``, as it would alone with that seed (the same holds
+        for ``infill`` and ``chat``). ``prompt + completion.text == decode(bos + prompt ids + completion.tokens)``."""
         from .generation import complete
         return complete(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         top_k=top_k, seed=seed, stop=stop, logprobs=logprobs, echo=echo, stream=stream,

@@ -371,6 +371,10 @@ def _add_serve(sub) -> None:
                    help="tokens per sequence (prompt + completion; default: the model's max_seq_len)")
     p.add_argument("--max-tokens", type=int, default=None, help="cap on max_tokens / n_predict (default: context)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="request body limit (default 4 MiB)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive; slower ones get 408 (default 30)")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open connections and requests at once; beyond, new requests get 503 (default 512)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (default: torch's; 1 is faster on a busy shared CPU)")
     p.add_argument("--api-key", default=os.environ.get("CODELLAMA_API_KEY"),
@@ -384,10 +388,12 @@ def _add_serve(sub) -> None:
 
 
 def cmd_serve(args) -> None:
-    for name in ("max_batch_size", "context", "max_tokens", "max_body_bytes", "threads"):
+    for name in ("max_batch_size", "context", "max_tokens", "max_body_bytes", "threads", "max_connections"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CodeLlamaError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.body_timeout > 0:  # also refuses nan
+        raise CodeLlamaError(f"--body-timeout must be > 0 seconds, got {args.body_timeout}")
     if args.max_queue < 0 or not 0 <= args.port <= 65535:
         raise CodeLlamaError("--max-queue must be >= 0 and --port in [0, 65535]")
     from .serving.app import ServerConfig, create_app, serve
@@ -397,7 +403,8 @@ def cmd_serve(args) -> None:
     engine = Engine(llama, max_batch_size=args.max_batch_size, max_queue=args.max_queue, context=args.context,
                     threads=args.threads)
     config = ServerConfig(model_name=args.name or llama.name or "codellama", api_key=args.api_key or None,
-                          max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens)
+                          max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens,
+                          body_timeout_s=args.body_timeout, max_connections=args.max_connections)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)

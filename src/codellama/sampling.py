@@ -1,7 +1,14 @@
 """Choosing the next token: greedy, temperature, top-k and top-p (nucleus) sampling, seeded per sequence.
 
 Everything here works on one decode step's logits and knows nothing about the batch it came from, so a
-scheduler that adds and removes sequences between steps (continuous batching) can reuse it unchanged."""
+scheduler that adds and removes sequences between steps (continuous batching) can reuse it unchanged.
+
+The maths is safe for every value ``validate_sampling`` accepts and for any logits, ``±inf`` and NaN
+included: it runs in float32 with the maximum subtracted before dividing by the temperature (so the most
+likely token scores exactly 0 and the probabilities sum to at least 1 before normalising), temperatures
+below ``MIN_TEMPERATURE`` are greedy (dividing by 3e-38 would overflow), NaN logits count as impossible and
+``top_k`` beyond the vocabulary is no filter. One sequence's odd parameters therefore cannot raise in the
+middle of a batched step and fail the other sequences."""
 
 from __future__ import annotations
 
@@ -13,12 +20,20 @@ from torch import Tensor
 
 from .errors import CodeLlamaError
 
+# Below this a temperature is greedy: the distribution is a point mass on the argmax for any logits that a
+# float32 model produces, and dividing by it would overflow.
+MIN_TEMPERATURE = 1e-5
+# Seeds are what a torch.Generator takes unsigned: [0, 2**64). Batch row i uses (seed + i) mod 2**64.
+SEED_LIMIT = 2**64
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one sequence picks its tokens. ``temperature == 0`` is greedy (argmax); ``top_k == 0`` and
-    ``top_p == 1`` disable those filters. ``seed`` makes sampling reproducible (``None``: drawn from torch's
-    global generator, so ``torch.manual_seed`` still makes a run repeatable)."""
+    """How one sequence picks its tokens. ``temperature == 0`` (or below ``MIN_TEMPERATURE``) is greedy
+    (argmax); ``top_k == 0`` and ``top_p == 1`` disable those filters. ``seed`` (an integer in
+    ``[0, 2**64)``) makes sampling reproducible (``None``: drawn from torch's global generator, so
+    ``torch.manual_seed`` still makes a run repeatable)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -30,11 +45,16 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def validate_sampling(*, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -46,8 +66,9 @@ def validate_sampling(*, temperature: float = 0.0, top_p: float = 1.0, top_k: in
         raise CodeLlamaError(f"top_p must be in (0, 1], got {top_p!r}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise CodeLlamaError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise CodeLlamaError(f"seed must be a non-negative integer, got {seed!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT):
+        shown = seed if not isinstance(seed, int) or abs(seed) < 10**30 else f"an integer of {len(str(seed))} digits"
+        raise CodeLlamaError(f"seed must be an integer in [0, 2**64), got {shown!r}")
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
                                        or max_new_tokens < 1):
         raise CodeLlamaError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -57,27 +78,38 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu",
                    offset: int = 0) -> torch.Generator | None:
     """The random stream of one sequence (``None`` for greedy, which needs none).
 
-    Sequence ``i`` of a batch gets ``seed + i``, so it samples exactly what it would alone with that seed,
-    whatever else shares the batch."""
+    Sequence ``i`` of a batch gets ``seed + i`` (mod 2**64), so it samples exactly what it would alone with
+    that seed, whatever else shares the batch."""
     if params.greedy:
         return None
     seed = params.seed
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     g = torch.Generator(device=device)
-    g.manual_seed(seed + offset)
+    g.manual_seed((seed + offset) % SEED_LIMIT)
     return g
 
 
 def filtered_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Probabilities [..., V] after temperature, then top-k, then top-p (float32)."""
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    """Probabilities [..., V] after temperature, then top-k, then top-p (float32, finite, each row sums to 1).
+
+    NaN logits are impossible tokens and ``+inf`` the largest float; a row with no finite logit at all is
+    uniform (there is nothing to prefer). ``temperature`` must be > 0 (callers send greedy rows to argmax)."""
+    x = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=_FLOAT32_MAX, neginf=float("-inf"))
+    top = x.amax(dim=-1, keepdim=True)
+    # Subtracting the maximum first keeps every scaled logit <= 0 with the best exactly 0: exp never
+    # overflows and the softmax denominator is >= 1, for any temperature.
+    shifted = torch.where(top == float("-inf"), torch.zeros_like(x), x - top)
+    vocab = x.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(shifted, top_k, dim=-1).values[..., -1:]
+        shifted = shifted.masked_fill(shifted < kth, float("-inf"))
+    # A temperature beyond float32's range would be inf, and -inf / inf is NaN; it is uniform long before.
+    scaled = shifted / min(max(float(temperature), MIN_TEMPERATURE), _FLOAT32_MAX)
+    scaled = scaled.masked_fill(shifted == float("-inf"), float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
-        probs = nucleus(probs, top_p)
+        probs = nucleus(probs, max(float(top_p), 0.0))
     return probs
 
 

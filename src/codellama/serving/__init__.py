@@ -1,5 +1,11 @@
-"""``codellama serve``: a continuous-batching engine (``scheduler``) behind an OpenAI- and llama.cpp-compatible
-HTTP API (``app``, needs the ``serve`` extra: fastapi and uvicorn).
+"""``codellama serve``: a continuous-batching engine behind an OpenAI- and llama.cpp-compatible HTTP API
+(needs the ``serve`` extra: fastapi and uvicorn).
+
+- ``scheduler``: the engine thread (one KV cache of ``max_batch_size`` rows; one request's failure is its own);
+- ``sequences``: what it runs (``Sequence``, ``Event``) and how a task becomes sequences;
+- ``app``: the endpoints; ``schema``: reading and checking bodies; ``errors``: the one place where exceptions
+  become OpenAI-style error responses; ``metrics``: Prometheus; ``server``: uvicorn, limits (body timeout,
+  connection cap).
 
 From Python::
 

@@ -2,297 +2,42 @@
 ``/v1/models``; llama.cpp's ``/infill`` for editor plugins; ``/health`` and Prometheus ``/metrics``.
 
 Every request becomes one or more engine ``Sequence``s (see ``scheduler.py``); the handler waits on an
-asyncio queue that the engine thread feeds. Bodies are parsed and checked here, by hand, so that every
-bad input gets the status and error object the OpenAI API would give (``{"error": {"message", "type",
-"param", "code"}}``), never a 500 with a traceback."""
+asyncio queue that the engine thread feeds. Bodies are read and checked by ``schema.py``; every exception
+becomes a response in one place, ``errors.py`` (OpenAI-style error objects, ``{"error": {"message", "type",
+"param", "code"}}``: 4xx for bad input, never a 500 with a traceback); ``metrics.py`` counts; ``server.py``
+runs it with uvicorn."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
-import logging
-import math
-import threading
 import time
 import uuid
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
 
 try:
     from fastapi import APIRouter, Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # pragma: no cover - depends on the environment
     from ..errors import CodeLlamaError
     raise CodeLlamaError("serving needs fastapi and uvicorn: pip install 'codellama[serve]'") from e
 
 from ..errors import CodeLlamaError
-from .scheduler import Engine, EngineStopped, Event, QueueFull, build_job, make_sequences, token_text, \
-    truncated_infill_job
 from ..generation import _context, _Job
+from .errors import APIError, busy_error, install_error_handling
+from .metrics import Metrics, MetricsMiddleware
+from .scheduler import Engine, EngineStopped, QueueFull
+from .schema import (SamplingRequest, bad, bool_field, chat_messages, completion_prompts, include_usage,
+                     infill_extra, int_field, read_json, sampling_request, str_field)
+from .sequences import Event, build_job, make_sequences, token_text, truncated_infill_job
+from .server import ServerConfig, running_server, serve
 
-log = logging.getLogger("codellama.serve")
+__all__ = ["APIError", "ServerConfig", "create_app", "running_server", "serve"]
+
 # How often a non-streaming request checks that its client is still there (a streaming one notices at once).
 DISCONNECT_POLL_S = 0.25
-
-
-@dataclass
-class ServerConfig:
-    """Limits and identity of the server (the engine has its own: batch size, queue, context)."""
-
-    model_name: str = "codellama"
-    api_key: str | None = None
-    max_body_bytes: int = 4 * 2**20
-    max_tokens_cap: int | None = None  # None: the engine's context
-    max_n: int = 16
-    retry_after_s: int = 1
-
-
-# ==== errors ==========================================================================================
-class APIError(Exception):
-    """An error the client caused (or a busy server): becomes an OpenAI-style error object."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-_STATUS_TYPES = {401: ("authentication_error", "invalid_api_key"), 404: ("invalid_request_error", "not_found"),
-                 405: ("invalid_request_error", "method_not_allowed"), 413: ("invalid_request_error", "body_too_large"),
-                 503: ("server_error", "overloaded")}
-
-
-# ==== metrics (Prometheus text format, no dependency) ==================================================
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/infill", "/health", "/metrics")
-
-
-class Histogram:
-    def __init__(self, buckets=LATENCY_BUCKETS):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-
-    def observe(self, x: float) -> None:
-        i = next((i for i, b in enumerate(self.buckets) if x <= b), len(self.buckets))
-        self.counts[i] += 1
-        self.sum += x
-
-    def lines(self, name: str, labels: str = "") -> list[str]:
-        out, cum = [], 0
-        sep = "," if labels else ""
-        for b, c in zip(self.buckets, self.counts):
-            cum += c
-            out.append(f'{name}_bucket{{{labels}{sep}le="{b}"}} {cum}')
-        cum += self.counts[-1]
-        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {cum}')
-        lb = f"{{{labels}}}" if labels else ""
-        out += [f"{name}_sum{lb} {self.sum:.6f}", f"{name}_count{lb} {cum}"]
-        return out
-
-
-class Metrics:
-    """Request counts by endpoint and status, token counters, latency and time-to-first-token histograms."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency: dict[str, Histogram] = {}
-        self.ttft = Histogram()
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.rejected_busy = 0
-
-    def request_done(self, endpoint: str, status: int, seconds: float) -> None:
-        with self.lock:
-            self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
-            self.latency.setdefault(endpoint, Histogram()).observe(seconds)
-
-    def tokens(self, prompt: int, completion: int) -> None:
-        with self.lock:
-            self.prompt_tokens += prompt
-            self.completion_tokens += completion
-
-    def first_token(self, seconds: float) -> None:
-        with self.lock:
-            self.ttft.observe(seconds)
-
-    def render(self, engine: Engine) -> str:
-        s = engine.stats
-        out = ["# HELP codellama_requests_total HTTP requests by endpoint and status.",
-               "# TYPE codellama_requests_total counter"]
-        with self.lock:
-            for (ep, st), n in sorted(self.requests.items()):
-                out.append(f'codellama_requests_total{{endpoint="{ep}",status="{st}"}} {n}')
-            out += ["# HELP codellama_request_duration_seconds Time from request to the end of the response.",
-                    "# TYPE codellama_request_duration_seconds histogram"]
-            for ep, h in sorted(self.latency.items()):
-                out += h.lines("codellama_request_duration_seconds", f'endpoint="{ep}"')
-            out += ["# HELP codellama_time_to_first_token_seconds Time from request to its first generated token.",
-                    "# TYPE codellama_time_to_first_token_seconds histogram"]
-            out += self.ttft.lines("codellama_time_to_first_token_seconds")
-            counters = [("prompt_tokens_total", "Prompt tokens of finished requests.", self.prompt_tokens),
-                        ("completion_tokens_total", "Tokens generated for finished requests.", self.completion_tokens),
-                        ("rejected_busy_total", "Requests answered 503 because the queue was full.",
-                         self.rejected_busy)]
-        counters += [("engine_steps_total", "Batched decode steps.", s.steps),
-                     ("engine_prefills_total", "Prompts prefilled.", s.prefills),
-                     ("engine_generated_tokens_total", "Tokens generated (all sequences).", s.generated_tokens),
-                     ("engine_cancelled_total", "Sequences cancelled (client gone).", s.cancelled),
-                     ("engine_errors_total", "Engine steps that failed.", s.errors),
-                     ("engine_batch_rows_total", "Sum over decode steps of rows in the batch.", s.batch_rows_sum)]
-        for name, help_, v in counters:
-            out += [f"# HELP codellama_{name} {help_}", f"# TYPE codellama_{name} counter", f"codellama_{name} {v}"]
-        for name, help_, v in [("queue_depth", "Sequences waiting for a batch row.", engine.queue_depth),
-                               ("active_sequences", "Sequences in the running batch.", engine.active),
-                               ("max_batch_size", "Rows of the running batch.", engine.max_batch_size)]:
-            out += [f"# HELP codellama_{name} {help_}", f"# TYPE codellama_{name} gauge", f"codellama_{name} {v}"]
-        return "\n".join(out) + "\n"
-
-
-class _MetricsMiddleware:
-    """Pure ASGI (streaming responses pass through untouched): counts every response by endpoint and status."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope.get("path", "")
-            endpoint = path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
-            self.metrics.request_done(endpoint, status[0], time.perf_counter() - start)
-
-
-# ==== request parsing ===================================================================================
-async def read_json(request: Request, limit: int) -> dict:
-    """The JSON object in the body; 413 beyond ``limit`` bytes (checked before and while reading), 400 if
-    it is not a JSON object."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"request body is {int(length)} bytes; the limit is {limit} bytes", code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object", code="invalid_json")
-    return body
-
-
-def _bad(param: str, message: str) -> APIError:
-    return APIError(400, message, param=param, code="invalid_value")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not _is_int(v):
-        raise _bad(name, f"{name} must be an integer, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise _bad(name, f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}")
-    return v
-
-
-def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        raise _bad(name, f"{name} must be a number, got {v!r}")
-    if v > hi or v < lo or (lo_open and v == lo):
-        raise _bad(name, f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
-    return float(v)
-
-
-def _bool(body: dict, name: str, default: bool = False) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise _bad(name, f"{name} must be true or false, got {v!r}")
-    return v
-
-
-def _str(body: dict, name: str, default: str | None) -> str | None:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, str):
-        raise _bad(name, f"{name} must be a string, got {type(v).__name__}")
-    return v
-
-
-def _stop(body: dict, name: str = "stop") -> list[str]:
-    v = body.get(name)
-    if v is None:
-        return []
-    if isinstance(v, str):
-        return [v]
-    if isinstance(v, list) and len(v) <= 16 and all(isinstance(s, str) for s in v):
-        return v
-    raise _bad(name, f"{name} must be a string or a list of at most 16 strings")
-
-
-def _unsupported(body: dict) -> None:
-    # Accepted when they ask for nothing (clients send defaults), refused otherwise rather than ignored.
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = body.get(name)
-        if v not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
-    if body.get("logit_bias") not in (None, {}):
-        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias",
-                       code="unsupported_parameter")
-    if body.get("tools") or body.get("functions"):
-        raise APIError(400, "tools / function calling is not supported by this server", param="tools",
-                       code="unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt not in (None, {}) and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise APIError(400, "only response_format type 'text' is supported", param="response_format",
-                       code="unsupported_parameter")
-
-
-@dataclass
-class _Sampling:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: list[str]
-    n: int
 
 
 # ==== the app ===========================================================================================
@@ -316,29 +61,9 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
 
     app = FastAPI(title="codellama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, exc: APIError):
-        return _error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc: StarletteHTTPException):
-        type_, code = _STATUS_TYPES.get(exc.status_code, ("invalid_request_error", None))
-        message = {404: f"no route {request.method} {request.url.path}",
-                   405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code,
-                                                                                          str(exc.detail))
-        return _error_response(APIError(exc.status_code, message, type=type_, code=code))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc):
-        return _error_response(APIError(400, f"invalid request: {exc.errors()[:1]}"))
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request, exc):
-        log.exception("internal error on %s", request.url.path)
-        return _error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error",
-                                        code="internal_error"))
+    # Errors first: middleware added later wraps it, so the metrics count the 500s it sends.
+    install_error_handling(app, retry_after_s=config.retry_after_s)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     async def auth(request: Request) -> None:
         if config.api_key is None:
@@ -353,30 +78,17 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
     api = APIRouter(dependencies=[Depends(auth)])
 
     # ---- helpers shared by the endpoints ---------------------------------------------------------------
-    def sampling(body: dict, *, max_tokens_default: int | None, temperature_default: float = 1.0,
-                 top_p_default: float = 1.0, top_k_default: int = 0, max_tokens_name: str = "max_tokens") -> _Sampling:
-        _unsupported(body)
-        max_tokens = _int(body, max_tokens_name, max_tokens_default, lo=0)
-        if max_tokens is None:
-            max_tokens = cap
-        if max_tokens > cap:
-            raise APIError(400, f"{max_tokens_name} is too large: {max_tokens}; this server generates at most "
-                           f"{cap} tokens per request", param=max_tokens_name, code="max_tokens_exceeded")
-        n = _int(body, "n", 1, lo=1, hi=config.max_n)
-        best_of = _int(body, "best_of", None, lo=1)
-        if best_of is not None and best_of != n:
-            raise APIError(400, "best_of other than n is not supported", param="best_of",
-                           code="unsupported_parameter")
-        seed = body.get("seed")
-        if seed is not None and (not _is_int(seed) or seed < 0):
-            if _is_int(seed) and seed == -1:  # llama.cpp's "random"
-                seed = None
-            else:
-                raise _bad("seed", f"seed must be a non-negative integer, got {seed!r}")
-        return _Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", temperature_default, 0.0, 2.0),
-                         top_p=_number(body, "top_p", top_p_default, 0.0, 1.0, lo_open=True),
-                         top_k=max(0, _int(body, "top_k", top_k_default, lo=-1)),  # -1: off (vLLM), as 0
-                         seed=seed, stop=_stop(body), n=n)
+    def sampling(body: dict, **kwargs: Any) -> SamplingRequest:
+        return sampling_request(body, cap=cap, max_n=config.max_n, **kwargs)
+
+    def body_of(request: Request) -> Any:
+        return read_json(request, config.max_body_bytes, config.body_timeout_s)
+
+    def check_sequences(count: int, param: str) -> None:
+        # Before any prompt is tokenized: a 4 MiB list of tiny prompts must not cost a million encodes.
+        if count > engine.max_batch_size + engine.max_queue:
+            raise APIError(400, f"the request asks for {count} sequences; this server holds at most "
+                           f"{engine.max_batch_size + engine.max_queue}", param=param)
 
     def check_context(job: _Job, param: str) -> None:
         if len(job.prompt) >= engine.context:
@@ -384,13 +96,10 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
                            f"prompt is {len(job.prompt)} tokens. Please reduce the length of the prompt.",
                            param=param, code="context_length_exceeded")
 
-    def submit(jobs: list[_Job], s: _Sampling, *, logprobs: int | None = None, echo: bool = False,
+    def submit(jobs: list[_Job], s: SamplingRequest, *, logprobs: int | None = None, echo: bool = False,
                ) -> tuple[list, asyncio.Queue]:
         """Queue n sequences per job; returns them and the asyncio queue their events arrive on."""
-        total = len(jobs) * s.n
-        if total > engine.max_batch_size + engine.max_queue:
-            raise APIError(400, f"the request asks for {total} sequences; this server holds at most "
-                           f"{engine.max_batch_size + engine.max_queue}", param="n")
+        check_sequences(len(jobs) * s.n, "n")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -403,13 +112,10 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
                                        top_p=s.top_p, top_k=s.top_k, seed=s.seed, stop=s.stop, logprobs=logprobs,
                                        echo=echo, sink=sink_for(j * s.n))
             engine.submit(seqs)
-        except QueueFull as e:
-            metrics.rejected_busy += 1
-            raise APIError(503, f"{e}; retry after {config.retry_after_s} s", type="server_error", code="overloaded",
-                           headers={"Retry-After": str(config.retry_after_s)}) from None
-        except EngineStopped as e:
-            raise APIError(503, str(e), type="server_error", code="unavailable",
-                           headers={"Retry-After": str(config.retry_after_s)}) from None
+        except (QueueFull, EngineStopped) as e:
+            if isinstance(e, QueueFull):
+                metrics.rejected_busy += 1
+            raise busy_error(e, config.retry_after_s) from None
         except CodeLlamaError as e:
             raise APIError(400, str(e)) from None
         return seqs, events
@@ -502,13 +208,14 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
     @api.post("/v1/completions")
     async def completions(request: Request):
         started = time.perf_counter()
-        body = await read_json(request, config.max_body_bytes)
+        body = await body_of(request)
         s = sampling(body, max_tokens_default=16)
-        echo, stream = _bool(body, "echo"), _bool(body, "stream")
-        logprobs = _int(body, "logprobs", None, lo=0, hi=20)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
-        suffix = _str(body, "suffix", None)
-        prompts = _completion_prompts(body.get("prompt"))
+        echo, stream = bool_field(body, "echo"), bool_field(body, "stream")
+        logprobs = int_field(body, "logprobs", None, lo=0, hi=20)
+        usage_chunk = include_usage(body, stream)
+        suffix = str_field(body, "suffix", None)
+        prompts = completion_prompts(body.get("prompt"))
+        check_sequences(len(prompts) * s.n, "prompt")
         jobs = []
         for p in prompts:
             try:
@@ -519,7 +226,7 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
                     if suffix is not None:
                         raise APIError(400, "suffix needs a text prompt, not token ids", param="suffix")
                     if min(p) < 0 or max(p) >= llama.config.vocab_size:
-                        raise _bad("prompt", f"prompt token ids must be in [0, {llama.config.vocab_size})")
+                        raise bad("prompt", f"prompt token ids must be in [0, {llama.config.vocab_size})")
                     jobs.append(_Job(prompt=list(p), decode=tok.decode, context=_context(list(p)),
                                      echo_text=tok.decode(list(p))))
             except CodeLlamaError as e:
@@ -565,7 +272,7 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
                 if text or lp or e.done:
                     yield sse(chunk([{"text": text, "index": i, "logprobs": lp,
                                       "finish_reason": e.completion.finish_reason if e.done else None}]))
-            if include_usage and all(f is not None and f.completion for f in finals):
+            if usage_chunk and all(f is not None and f.completion for f in finals):
                 yield sse(chunk([], usage=usage(seqs, finals, s.n)))
             yield "data: [DONE]\n\n"
         return stream_response(gen())
@@ -574,16 +281,16 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         started = time.perf_counter()
-        body = await read_json(request, config.max_body_bytes)
+        body = await body_of(request)
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         s = sampling(body, max_tokens_default=None, max_tokens_name=name)
-        stream = _bool(body, "stream")
-        want_lp = _bool(body, "logprobs")
-        top_n = _int(body, "top_logprobs", None, lo=0, hi=20)
+        stream = bool_field(body, "stream")
+        want_lp = bool_field(body, "logprobs")
+        top_n = int_field(body, "top_logprobs", None, lo=0, hi=20)
         if top_n is not None and not want_lp:
-            raise _bad("top_logprobs", "top_logprobs needs logprobs: true")
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
-        messages = _chat_messages(body.get("messages"))
+            raise bad("top_logprobs", "top_logprobs needs logprobs: true")
+        usage_chunk = include_usage(body, stream)
+        messages = chat_messages(body.get("messages"))
         try:
             job = build_job(llama, "chat", messages=messages)
         except CodeLlamaError as e:
@@ -630,7 +337,7 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
                     finals[i] = e
                     yield sse(chunk([{"index": i, "delta": {}, "logprobs": None,
                                       "finish_reason": e.completion.finish_reason}]))
-            if include_usage and all(f is not None and f.completion for f in finals):
+            if usage_chunk and all(f is not None and f.completion for f in finals):
                 yield sse(chunk([], usage=usage(seqs, finals, s.n)))
             yield "data: [DONE]\n\n"
         return stream_response(gen())
@@ -639,16 +346,13 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
     @api.post("/infill")
     async def infill(request: Request):
         started = time.perf_counter()
-        body = await read_json(request, config.max_body_bytes)
+        body = await body_of(request)
         if not tok.supports_infilling:
             raise APIError(400, f"model {config.model_name!r} cannot infill: its tokenizer has no FIM pieces",
                            code="infilling_unsupported")
-        prefix, suffix = _str(body, "input_prefix", ""), _str(body, "input_suffix", "")
-        extra = body.get("input_extra") or []
-        if not isinstance(extra, list) or not all(isinstance(c, dict) and isinstance(c.get("text", ""), str)
-                                                  and isinstance(c.get("filename", ""), str) for c in extra):
-            raise _bad("input_extra", "input_extra must be a list of {\"filename\": str, \"text\": str}")
-        n_predict = _int(body, "n_predict", -1, lo=-1)
+        prefix, suffix = str_field(body, "input_prefix", ""), str_field(body, "input_suffix", "")
+        extra = infill_extra(body.get("input_extra"))
+        n_predict = int_field(body, "n_predict", -1, lo=-1)
         if n_predict == -1:
             n_predict = cap
         body = dict(body, n_predict=n_predict)
@@ -656,9 +360,10 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
         s = sampling(body, max_tokens_default=None, temperature_default=0.8, top_p_default=0.95, top_k_default=40,
                      max_tokens_name="n_predict")
         if s.n != 1:
-            raise _bad("n", "/infill generates one completion")
-        stream = _bool(body, "stream")
-        typed = _str(body, "prompt", "")  # text already typed after the cursor's prefix: the middle goes on from it
+            raise bad("n", "/infill generates one completion")
+        stream = bool_field(body, "stream")
+        # Text already typed after the cursor's prefix: the middle goes on from it.
+        typed = str_field(body, "prompt", "")
         # Other files as context: prepended to the prefix (Code Llama's format has no repository tokens).
         context = "".join(f"--- {c.get('filename') or 'snippet'} ---\n{c.get('text', '')}\n" for c in extra)
         budget = engine.context - max(1, min(n_predict, engine.context // 4)) - len(tok.encode_infilling(typed))
@@ -735,105 +440,8 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
     return app
 
 
-def _completion_prompts(prompt: Any) -> list[str | list[int]]:
-    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of id lists."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if all(_is_int(t) for t in prompt):
-            return [list(prompt)]
-        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
-            return [list(p) for p in prompt]
-    raise APIError(400, "prompt must be a string, a list of strings or a list of token ids (non-empty)",
-                   param="prompt", code="invalid_value" if prompt is not None else "missing_required_parameter")
-
-
-def _chat_messages(messages: Any) -> list[dict[str, str]]:
-    """OpenAI messages → the {"role", "content"} dicts ``chat_tokens`` takes (text parts joined;
-    ``developer`` is the newer name of ``system``)."""
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list", param="messages",
-                       code="invalid_value" if messages is not None else "missing_required_parameter")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _bad("messages", f"messages[{i}] must be an object with a role")
-        content = m.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise _bad("messages", f"messages[{i}].content: only text parts are supported")
-            content = "".join(p["text"] for p in content)
-        elif content is None:
-            content = ""
-        elif not isinstance(content, str):
-            raise _bad("messages", f"messages[{i}].content must be a string or a list of text parts")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
-    return out
-
-
 def _token_bytes(tok, token: int) -> bytes:
     piece = tok.id_to_piece(token)
     if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
         return bytes([int(piece[3:5], 16)])
     return piece.replace("\u2581", " ").encode("utf-8")
-
-
-# ==== running it ==========================================================================================
-def _bind(host: str, port: int):
-    import socket
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise CodeLlamaError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, *, log_level: str = "info",
-          on_ready: Callable[[str], None] | None = None) -> None:
-    """Run ``app`` with uvicorn until interrupted. ``port=0`` picks a free port; ``on_ready`` gets the URL."""
-    import uvicorn
-
-    sock = _bind(host, port)
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
-    if on_ready is not None:
-        original = server.startup
-
-        async def startup(sockets=None):
-            await original(sockets=sockets)
-            on_ready(url)
-        server.startup = startup
-    server.run(sockets=[sock])
-
-
-@contextmanager
-def running_server(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve ``app`` on a free loopback port in a thread (tests, benchmarks); yields the base URL and shuts
-    the server (and the engine, via the lifespan) down on exit."""
-    import uvicorn
-
-    sock = _bind(host, 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise CodeLlamaError("the server did not start")
-            time.sleep(0.01)
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()

@@ -6,32 +6,31 @@ Rows have their own lengths, so sequences join and leave at any step; a finished
 sequence frees its row at once (the last active row is moved into the hole, so active rows are always
 ``0..n-1`` and the batched step works on views, never on gathered copies of the cache).
 
-Per-sequence logic is the generation engine's (``Request``, ``accept_token``, ``sample``, ``TextStream``
-for exact text deltas and stop strings); a newcomer's prefill is the same ``forward_step`` call a solo run
-makes, so greedy output matches ``CodeLlama.complete/infill/chat`` run alone. Results leave the thread as
+Per-sequence logic (``sequences.py``) is the generation engine's (``Request``, ``accept_token``, ``sample``,
+``TextStream`` for exact text deltas and stop strings); a newcomer's prefill is the same ``forward_step`` call a
+solo run makes, so greedy output matches ``CodeLlama.complete/infill/chat`` run alone. Results leave the thread as
 ``Event`` objects through each sequence's ``sink`` (a thread-safe callable: the HTTP layer hands in one that
 posts to its asyncio loop)."""
 
 from __future__ import annotations
 
 import collections
-import queue
-import re
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CodeLlamaError
-from ..formats import chat_tokens, infilling_tokens
-from ..generation import (DEFAULT_PREFILL_CHUNK, Completion, Request, TextStream, _completion, _context, _Job,
-                          _normalise_stop, accept_token, available_memory, decoder_for, forward_step, make_requests)
+from ..generation import (DEFAULT_PREFILL_CHUNK, _completion, accept_token, available_memory, decoder_for,
+                          forward_step)
 from ..model import KVCache, apply_rope, rope_angles
-from ..sampling import sample
+from ..sampling import sample_row
+# What the engine runs lives in sequences.py; re-exported because callers build sequences for this engine.
+from .sequences import (Event, QueueSink, Sequence, build_job, make_sequences, token_text,  # noqa: F401
+                        truncated_infill_job)
 
 # Waiting sequences beyond this many make ``submit`` raise ``QueueFull`` (the server answers 503).
 DEFAULT_MAX_QUEUE = 64
@@ -49,65 +48,6 @@ class QueueFull(CodeLlamaError):
 
 class EngineStopped(CodeLlamaError):
     """The engine has been shut down."""
-
-
-@dataclass
-class Event:
-    """What a sequence produced in one scheduler step. ``text`` is the newly safe text (maybe empty),
-    ``tokens``/``logprobs``/``top`` the ids appended with their log-probabilities and top alternatives
-    (when asked). The last event has ``done`` set with the final ``completion`` (or an ``error``)."""
-
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[list[tuple[int, float]]] = field(default_factory=list)
-    done: bool = False
-    completion: Completion | None = None
-    stop_kind: str | None = None  # "eos" (a stop token), "word" (a stop string), "length", "cancelled"
-    error: str | None = None
-
-
-@dataclass
-class Sequence:
-    """One generation inside the engine: the job (prompt and how to decode it), its ``Request`` state,
-    its text stream and where to send events. ``cancel()`` is safe from any thread."""
-
-    job: _Job
-    request: Request
-    text: TextStream
-    sink: Callable[[Event], None]
-    echo: bool = False
-    top_logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token's logprob + k alternatives
-    prompt_logprobs: bool = False  # echo + logprobs: score the prompt tokens as well
-    generate: bool = True  # False: max_tokens=0 (score the prompt only)
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)  # echo + logprobs
-    generated_top: list[list[tuple[int, float]]] = field(default_factory=list)
-    cancelled: bool = False
-    _row: int | None = None
-    _next: int = 0  # the last sampled token: fed at the next decode step
-
-    def cancel(self) -> None:
-        self.cancelled = True  # read by the engine thread between steps (a bool write is atomic)
-
-
-class QueueSink:
-    """A sink that a plain thread can iterate: ``for event in sink: ...`` until the final event."""
-
-    def __init__(self) -> None:
-        self._q: queue.SimpleQueue[Event] = queue.SimpleQueue()
-
-    def __call__(self, event: Event) -> None:
-        self._q.put(event)
-
-    def __iter__(self) -> Iterator[Event]:
-        while True:
-            event = self._q.get()
-            yield event
-            if event.done:
-                return
 
 
 @dataclass
@@ -381,9 +321,26 @@ class Engine:
         self.stats.batch_rows_sum += n
         self._sample(self._rows, logits)
 
+    def _choose(self, seq_rows: list[Sequence], logits: Tensor) -> list[int | None]:
+        """Each row's next token (``None`` for a row whose sampling raised: that sequence alone fails)."""
+        greedy = [i for i, s in enumerate(seq_rows) if s.request.sampling.greedy]
+        chosen: list[int | None] = [None] * len(seq_rows)
+        if greedy:
+            # One batched argmax and one host transfer for all greedy rows (the common case).
+            picked = (logits if len(greedy) == len(seq_rows) else logits[greedy]).argmax(dim=-1).tolist()
+            for i, tok in zip(greedy, picked):
+                chosen[i] = tok
+        for i, seq in enumerate(seq_rows):
+            if chosen[i] is None and not (seq.cancelled or seq.request.finished):
+                try:
+                    chosen[i] = sample_row(logits[i], seq.request.sampling, seq.request.generator)
+                except Exception as e:
+                    self._fail_row(seq, e)
+        return chosen
+
     def _sample(self, seq_rows: list[Sequence], logits: Tensor) -> None:
-        chosen = sample(logits, [s.request.sampling for s in seq_rows], [s.request.generator for s in seq_rows])
-        want = [i for i, s in enumerate(seq_rows) if s.top_logprobs is not None]
+        chosen = self._choose(seq_rows, logits)
+        want = [i for i, s in enumerate(seq_rows) if s.top_logprobs is not None and chosen[i] is not None]
         lps: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if want:
             k = max(seq_rows[i].top_logprobs for i in want)
@@ -392,25 +349,31 @@ class Engine:
                 lps[i] = (got_lp[j], got_top[j][:seq_rows[i].top_logprobs])
         now = time.perf_counter()
         for i, (seq, tok) in enumerate(zip(seq_rows, chosen)):
-            if seq.cancelled or seq.request.finished:
+            if tok is None or seq.cancelled or seq.request.finished:
                 continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
-            seq._next = tok
-            lp, top = lps.get(i, (None, None))
-            event = Event()
-            if accept_token(seq.request, tok, lp):
-                self.stats.generated_tokens += 1
-                event.tokens.append(tok)
-                if lp is not None:
-                    event.logprobs.append(lp)
-                    event.top.append(top)
-                    seq.generated_top.append(top)
-                event.text = seq.text.push(tok)
-                if seq.text.stopped:
-                    seq.request.finish("stop")
-            if event.text or event.tokens:
-                self._send(seq, event)
+            try:
+                self._advance(seq, tok, *lps.get(i, (None, None)))
+            except Exception as e:  # e.g. its text cannot be decoded: fail this sequence, not the batch
+                self._fail_row(seq, e)
+
+    def _advance(self, seq: Sequence, tok: int, lp: float | None, top: list[tuple[int, float]] | None) -> None:
+        """Append one chosen token to a sequence and send what it adds."""
+        seq._next = tok
+        event = Event()
+        if accept_token(seq.request, tok, lp):
+            self.stats.generated_tokens += 1
+            event.tokens.append(tok)
+            if lp is not None:
+                event.logprobs.append(lp)
+                event.top.append(top)
+                seq.generated_top.append(top)
+            event.text = seq.text.push(tok)
+            if seq.text.stopped:
+                seq.request.finish("stop")
+        if event.text or event.tokens:
+            self._send(seq, event)
 
     def _logprobs(self, logits: Tensor, chosen: list[int], k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
         # Temperature-1, unfiltered log-probabilities, as generation.token_logprobs reports them.
@@ -442,7 +405,12 @@ class Engine:
                 self._rows[r]._row = r
             self._rows.pop()
             seq._row = None
-            self._finish(seq, "cancelled" if seq.cancelled and not seq.request.finished else None)
+            if seq.failed:
+                continue  # its error event is out already
+            try:
+                self._finish(seq, "cancelled" if seq.cancelled and not seq.request.finished else None)
+            except Exception as e:  # e.g. its last text cannot be decoded: that sequence fails alone
+                self._fail_row(seq, e)
 
     def _finish(self, seq: Sequence, reason: str | None) -> None:
         if reason == "cancelled":
@@ -458,7 +426,16 @@ class Engine:
         self._send(seq, Event(text=tail, done=True, completion=_completion(seq.job, seq.request, seq.text, seq.echo),
                               stop_kind=kind))
 
+    def _fail_row(self, seq: Sequence, error: Exception) -> None:
+        """One sequence's own step raised: it gets an error event; its row is freed by ``_drop_finished``
+        and the other rows go on as if it had never been there."""
+        self.stats.errors += 1
+        self._fail(seq, f"generation failed: {type(error).__name__}: {error}")
+
     def _fail(self, seq: Sequence, message: str) -> None:
+        if seq.failed:
+            return  # one final event per sequence
+        seq.failed = True
         seq.request.finish("error")
         seq.finished_at = time.perf_counter()
         self._send(seq, Event(done=True, error=message, stop_kind="error"))
@@ -468,73 +445,3 @@ class Engine:
             seq.sink(event)
         except Exception:  # the receiver is gone (e.g. its event loop closed): stop generating for it
             seq.cancelled = True
-
-
-# ---- building sequences -----------------------------------------------------------------------------
-def token_text(tokenizer, token: int) -> str:
-    """How a token reads in logprobs output: its piece with ``▁`` as a space; byte pieces as the character
-    (ASCII) or ``bytes:\\xNN`` (part of a multi-byte character), as OpenAI reports partial bytes."""
-    piece = tokenizer.id_to_piece(token)
-    m = _BYTE_PIECE.fullmatch(piece)
-    if m:
-        b = int(m.group(1), 16)
-        return chr(b) if b < 128 else f"bytes:\\x{b:02x}"
-    return piece.replace("\u2581", " ")
-
-
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def build_job(llama, kind: str, *, prompt: str = "", suffix: str = "", messages=None, suffix_first: bool = False,
-              echo: bool = False) -> _Job:
-    """The prompt ids and text handling of one task, exactly as ``CodeLlama.complete/infill/chat`` build
-    them (so a served greedy result equals the library's). Raises ``CodeLlamaError`` for bad input."""
-    tok = llama.tokenizer
-    if kind == "complete":
-        ids = tok.encode(prompt, bos=True)
-        return _Job(prompt=ids, decode=tok.decode, context=_context(ids), echo_text=prompt)
-    if kind == "infill":
-        ids = infilling_tokens(tok, prompt, suffix, suffix_first=suffix_first, model_name=llama.name)
-        return _Job(prompt=ids, decode=tok.decode_infilling, context=[], echo_text=prompt, echo_suffix=suffix)
-    if kind == "chat":
-        ids = chat_tokens(tok, messages)
-        return _Job(prompt=ids, decode=tok.decode, context=_context(ids) if echo else [],
-                    echo_text=tok.decode(ids) if echo else "")
-    raise ValueError(f"unknown task {kind!r}")
-
-
-def truncated_infill_job(llama, prefix: str, suffix: str, budget: int) -> tuple[_Job, bool]:
-    """A PSM infilling job whose prompt fits in ``budget`` tokens: when the whole prefix and suffix do not,
-    keep the end of the prefix and the start of the suffix (3:1, as editors' servers do). Returns the job
-    and whether anything was cut."""
-    job = build_job(llama, "infill", prompt=prefix, suffix=suffix)
-    if len(job.prompt) <= budget:
-        return job, False
-    tok = llama.tokenizer
-    pre, suf = tok.encode(prefix), tok.encode_infilling(suffix)
-    room = budget - 4  # bos, PRE, SUF, MID
-    if room < 2:
-        raise CodeLlamaError(f"no room for the prompt: the context leaves {budget} tokens")
-    keep_suf = min(len(suf), room // 4)
-    keep_pre = min(len(pre), room - keep_suf)
-    keep_suf = min(len(suf), room - keep_pre)
-    ids = ([tok.bos_id, tok.prefix_id] + pre[len(pre) - keep_pre:] + [tok.suffix_id] + suf[:keep_suf]
-           + [tok.middle_id])
-    return _Job(prompt=ids, decode=tok.decode_infilling, context=[], echo_text=prefix, echo_suffix=suffix), True
-
-
-def make_sequences(llama, job: _Job, *, n: int = 1, max_tokens: int = 16, temperature: float = 0.0,
-                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,
-                   logprobs: int | None = None, echo: bool = False,
-                   sink: Callable[[int, Event], None]) -> list[Sequence]:
-    """``n`` sequences for one job (choice ``i`` samples with ``seed + i``, as a batch does in the library).
-    ``max_tokens=0`` scores the prompt only (with ``echo`` and ``logprobs``)."""
-    stops = _normalise_stop(stop)
-    requests = make_requests(llama.model, [job.prompt] * n, max_new_tokens=max(1, max_tokens),
-                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                             stop_ids=llama.tokenizer.stop_ids, logprobs=logprobs is not None,
-                             prompt_logprobs=echo and logprobs is not None)
-    return [Sequence(job=job, request=r, text=TextStream(job.decode, job.context, stops),
-                     sink=lambda event, i=i: sink(i, event), echo=echo, top_logprobs=logprobs,
-                     prompt_logprobs=echo and logprobs is not None, generate=max_tokens > 0)
-            for i, r in enumerate(requests)]
