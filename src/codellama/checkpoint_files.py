@@ -90,6 +90,19 @@ def _refused_global(path: Path, error: Exception) -> str | None:
     return m.group(1).rstrip(".") if m else None
 
 
+def unpickling_refusal(path: Path, error: Exception) -> tuple[str | None, str]:
+    """Why ``torch.load(weights_only=True)`` refused ``path``: the pickled global it asked for (or None), and a
+    short reason for a message. torch's own message tells the user to retry with ``weights_only=False``, which
+    is exactly what must not happen with a file from elsewhere, so it is never shown whole."""
+    refused = _refused_global(path, error)
+    if refused:
+        return refused, f"a pickled {shown_name(refused)}; unpickling it could run arbitrary code"
+    text = str(error)
+    detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    line = next((line.strip() for line in detail.splitlines() if line.strip()), type(error).__name__)
+    return None, f"a pickle the tensors-only loader cannot read: {shown_name(line, 120)}"
+
+
 def torch_load(path: Path) -> dict[str, Tensor]:
     """Memory-mapped, weights-only ``torch.load``: never unpickles arbitrary objects, reads pages on demand."""
     try:
@@ -101,10 +114,10 @@ def torch_load(path: Path) -> dict[str, Tensor]:
             # Files from the legacy (pre-zip) serializer cannot be mapped; they are read whole.
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if refused := _refused_global(path, e):
-            raise CodeLlamaError(f"refusing to load {path}: it holds more than tensors (a pickled "
-                                 f"{shown_name(refused)}; unpickling it could run arbitrary code)") from None
-        raise CodeLlamaError(f"cannot read {path}: not a PyTorch weights file ({_first_line(e)})") from None
+        refused, reason = unpickling_refusal(path, e)
+        if refused:
+            raise CodeLlamaError(f"refusing to load {path}: it holds more than tensors ({reason})") from None
+        raise CodeLlamaError(f"cannot read {path}: not a PyTorch weights file ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError, MemoryError) as e:
         raise CodeLlamaError(f"cannot read {path}: {_first_line(e)}") from None
     wrapped = isinstance(sd, dict) and isinstance(sd.get("model"), dict)

@@ -15,7 +15,6 @@ import json
 import os
 import pickle
 import random
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..checkpoint_files import unpickling_refusal
 from ..errors import CodeLlamaError
 
 LATEST = "ckpt.pt"
@@ -106,9 +106,6 @@ def clear_run_checkpoints(run_dir: str | Path) -> None:
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
-_REFUSED_GLOBAL = re.compile(r"(?:unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", re.IGNORECASE)
-
-
 def read_checkpoint_file(path: Path) -> dict[str, Any]:
     """One checkpoint file, loaded without running any code and checked for the structure we write.
     Raises ``DamagedCheckpoint`` for an unreadable file and ``CodeLlamaError`` for one that must not be loaded."""
@@ -117,16 +114,15 @@ def read_checkpoint_file(path: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        refused = _REFUSED_GLOBAL.search(str(e))
-        if refused and refused.group(1).startswith("numpy"):
+        refused, reason = unpickling_refusal(path, e)
+        if refused and refused.startswith("numpy"):
             raise CodeLlamaError(f"{path} was written by an older version of codellama (it pickles NumPy "
                                  "objects) and cannot be loaded safely; delete it to start the run again, or "
                                  "finish the run with the version that wrote it") from None
         if refused:
-            raise CodeLlamaError(f"{path}: refused: it holds a pickled {refused.group(1)}, not just tensors and "
-                                 "plain data, so loading it could run code; it was not written by codellama, "
-                                 "delete it") from None
-        raise DamagedCheckpoint(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
+            raise CodeLlamaError(f"{path}: refused: it holds more than tensors and plain data ({reason}); "
+                                 "it was not written by codellama, delete it") from None
+        raise DamagedCheckpoint(f"{path} is not a readable checkpoint ({reason})") from None
     except Exception as e:  # zip, EOF, OS errors from a truncated or corrupted file: weights_only ran no code
         raise DamagedCheckpoint(f"{path} is not a readable checkpoint ({type(e).__name__}: "
                                 f"{_first_line(e)})") from None
