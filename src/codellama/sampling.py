@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -39,13 +40,35 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    # Repetition control. ``repetition_penalty`` (HF / llama.cpp ``repeat_penalty``; 1 = off) divides positive
+    # and multiplies negative logits of tokens seen in the window; ``presence_penalty`` / ``frequency_penalty``
+    # (OpenAI; 0 = off) subtract a constant / ``count * penalty``. The window is the last ``penalty_last_n``
+    # tokens of prompt + completion, as in llama.cpp (0: no penalties, -1: the whole sequence, as in HF).
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    # Token ids that are never chosen (the FIM sentinels in plain completion and chat).
+    banned_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         validate_sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+        validate_penalties(repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                           frequency_penalty=self.frequency_penalty, penalty_last_n=self.penalty_last_n)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        return self.penalty_last_n != 0 and (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                                             or self.frequency_penalty != 0.0)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether ``adjust_logits`` changes anything (if not, callers may skip it and batch the argmax)."""
+        return self.penalized or bool(self.banned_ids)
 
 
 def _is_number(x) -> bool:
@@ -72,6 +95,43 @@ def validate_sampling(*, temperature: float = 0.0, top_p: float = 1.0, top_k: in
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
                                        or max_new_tokens < 1):
         raise CodeLlamaError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+def validate_penalties(*, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                       frequency_penalty: float = 0.0, penalty_last_n: int = 64) -> None:
+    """Raise a one-line ``CodeLlamaError`` for an out-of-range penalty (OpenAI's range for presence/frequency)."""
+    if not _is_number(repetition_penalty) or not 0.0 < repetition_penalty <= 100.0:
+        raise CodeLlamaError(f"repetition_penalty must be in (0, 100] (1 disables it), got {repetition_penalty!r}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not _is_number(value) or not -2.0 <= value <= 2.0:
+            raise CodeLlamaError(f"{name} must be in [-2, 2] (0 disables it), got {value!r}")
+    if not isinstance(penalty_last_n, int) or isinstance(penalty_last_n, bool) or penalty_last_n < -1:
+        raise CodeLlamaError(f"penalty_last_n must be an integer >= -1 (0 disables penalties, -1 means the whole "
+                             f"sequence), got {penalty_last_n!r}")
+
+
+def adjust_logits(logits: Tensor, history: Sequence[int] | Tensor, params: SamplingParams) -> Tensor:
+    """One sequence's next-token logits [V] (float32) after its banned ids and repetition penalties.
+
+    ``history`` is every token of the sequence so far (prompt and completion); the penalties look at the last
+    ``penalty_last_n`` of them. Returns ``logits`` itself when there is nothing to do, else a new tensor."""
+    if not params.adjusts_logits:
+        return logits
+    out = logits.float().clone()
+    if params.penalized and len(history):
+        window = torch.as_tensor(history, dtype=torch.long, device=out.device)
+        if params.penalty_last_n > 0:
+            window = window[-params.penalty_last_n:]
+        window = window[(window >= 0) & (window < out.shape[-1])]
+        ids, counts = torch.unique(window, return_counts=True)
+        seen = out[ids]
+        if params.repetition_penalty != 1.0:
+            seen = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
+        seen = seen - counts.to(seen.dtype) * params.frequency_penalty - params.presence_penalty
+        out[ids] = seen
+    if params.banned_ids:
+        out[list(params.banned_ids)] = float("-inf")
+    return out
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu",
