@@ -26,6 +26,17 @@ def infilling_tokens(tokenizer: Tokenizer, prefix: str, suffix: str, suffix_firs
     return [t.bos_id, t.prefix_id] + t.encode(prefix) + [t.suffix_id] + t.encode_infilling(suffix) + [t.middle_id]
 
 
+def banned_ids(tokenizer: Tokenizer, kind: str) -> tuple[int, ...]:
+    """Pieces a model must never write in a request of ``kind`` ("complete", "chat" or "infill"): the FIM
+    sentinels are layout markers, not text. Plain completion and chat ban all four; infilling bans
+    ``PRE``/``SUF``/``MID`` but keeps ``EOT``, which ends the middle. bos/eos are left to the model, as in HF."""
+    if kind not in ("complete", "chat", "infill"):
+        raise ValueError(f"unknown request kind {kind!r}")
+    t = tokenizer
+    sentinels = (t.prefix_id, t.suffix_id, t.middle_id) + (() if kind == "infill" else (t.eot_id,))
+    return tuple(i for i in sentinels if i is not None)
+
+
 def require_infilling(tokenizer: Tokenizer, model_name: str = "") -> None:
     if not tokenizer.supports_infilling:
         who = f"model {model_name!r}" if model_name else "this model"
