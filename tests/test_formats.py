@@ -125,3 +125,15 @@ def test_dialog_shape_errors(tiny_tokenizer_path, tiny_step_tokenizer_path):
             chat_tokens(t, [{"content": "a"}])
         with pytest.raises(CodeLlamaError, match="message 0: content must be a string"):
             chat_tokens(t, [{"role": "user", "content": 3}])
+
+
+def test_banned_ids_are_the_fim_sentinels_of_each_request_kind(tiny_tokenizer_path, tiny_nofim_tokenizer_path):
+    from codellama.formats import banned_ids
+    tok = Tokenizer(tiny_tokenizer_path)
+    fim = (tok.prefix_id, tok.suffix_id, tok.middle_id)
+    assert banned_ids(tok, "complete") == banned_ids(tok, "chat") == fim + (tok.eot_id,)
+    assert banned_ids(tok, "infill") == fim  # EOT ends the middle: it must stay possible
+    assert tok.bos_id not in banned_ids(tok, "complete") and tok.eos_id not in banned_ids(tok, "complete")
+    assert banned_ids(Tokenizer(tiny_nofim_tokenizer_path), "complete") == ()  # 34B / Python: nothing to ban
+    with pytest.raises(ValueError, match="kind"):
+        banned_ids(tok, "edit")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codellama import generation
+from codellama import generation, generation_admission, generation_forward
 from codellama.api import CodeLlama
 from codellama.config import ModelConfig
 from codellama.errors import CodeLlamaError
@@ -121,7 +121,7 @@ def test_context_limit_errors_before_allocating_and_caps_new_tokens(sharp_model,
         generate(sharp_model, [[1] * 256], max_new_tokens=1)
     with pytest.raises(CodeLlamaError, match="max_new_tokens"):
         generate(sharp_model, [[1, 2]], max_new_tokens=0)
-    monkeypatch.setattr(generation, "available_memory", lambda device: 10_000)
+    monkeypatch.setattr(generation_admission, "available_memory", lambda device: 10_000)
     with pytest.raises(CodeLlamaError, match="GiB is free"):
         generate(sharp_model, [[1, 2]], max_new_tokens=8)
     assert calls == []
@@ -353,7 +353,7 @@ def test_packed_weights_agree_and_follow_weight_updates(sharp_model):
 def test_attention_in_row_blocks_matches_one_block(sharp_model, monkeypatch):
     prompts = [[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [1, 300, 301, 302]]
     ref = generate(sharp_model, prompts, max_new_tokens=8, prefill_chunk=5, logprobs=True)
-    monkeypatch.setattr(generation, "ATTENTION_MASK_ENTRIES", 20)  # forces blocks of a few query rows
+    monkeypatch.setattr(generation_forward, "ATTENTION_MASK_ENTRIES", 20)  # forces blocks of a few query rows
     blocked = generate(sharp_model, prompts, max_new_tokens=8, prefill_chunk=5, logprobs=True)
     assert [r.tokens for r in blocked] == [r.tokens for r in ref]
     for a, b in zip(blocked, ref):
@@ -406,3 +406,38 @@ def test_seed_beyond_2_pow_64_is_a_user_error_in_the_api_and_the_cli(sharp_model
     assert cli.main(["complete", "x", "--temperature", "0.8", "--seed", str(2**64)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: seed must be an integer in [0, 2**64)") and err.count("\n") == 1
+
+
+def test_empty_prompt_is_an_error_in_complete(sharp_model, tiny_tok):
+    llama = CodeLlama(sharp_model, tiny_tok)
+    with pytest.raises(CodeLlamaError, match="^prompt is empty"):
+        llama.complete("", max_new_tokens=4)
+    with pytest.raises(CodeLlamaError, match="^prompt 1 is empty"):
+        llama.complete(["a", ""], max_new_tokens=4)
+    with pytest.raises(CodeLlamaError, match="^prompt is empty"):
+        llama.complete("", max_new_tokens=4, stream=True)
+
+
+def test_max_new_tokens_beyond_the_context_is_an_error_unless_shrunk(sharp_model, tiny_tok):
+    llama = CodeLlama(sharp_model, tiny_tok)  # context 256
+    prompt = "x = 1\n" * 46
+    n = len(tiny_tok.encode(prompt, bos=True))
+    room = 256 - n
+    assert 10 < room < 200
+    with pytest.raises(CodeLlamaError, match=f"is {n} tokens and max_new_tokens is 200.* context of 256 tokens; "
+                                             f"use max_new_tokens <= {room}"):
+        llama.complete(prompt, max_new_tokens=200)
+    with pytest.raises(CodeLlamaError, match="prompt 1 is"):
+        llama.complete(["a", prompt], max_new_tokens=200)
+    with pytest.raises(CodeLlamaError, match="max_new_tokens"):
+        llama.infill(prompt, "", max_new_tokens=250)
+    with pytest.raises(CodeLlamaError, match="max_new_tokens"):
+        llama.chat([{"role": "user", "content": prompt}], max_new_tokens=250)
+    cut = llama.complete(prompt, max_new_tokens=200, shrink_max_new_tokens=True)
+    whole = llama.complete(prompt, max_new_tokens=None)
+    assert cut.tokens == whole.tokens and len(cut.tokens) == room and cut.finish_reason == "length"
+    assert llama.complete(prompt, max_new_tokens=room).tokens == whole.tokens  # exactly fits: fine
+    streamed = llama.complete(prompt, max_new_tokens=None, stream=True)
+    assert "".join(streamed) == whole.text
+    with pytest.raises(CodeLlamaError, match="max_new_tokens must be an integer"):
+        llama.complete(prompt, max_new_tokens=0)

@@ -178,3 +178,69 @@ def test_fuzz_sampling_always_returns_a_valid_token(logits, temperature, top_p, 
     other = SamplingParams()
     got = sample(batch, [params, other], [make_generator(params, offset=batch_row), None])
     assert got[0] == token and 0 <= got[1] < len(logits)
+
+
+# ---- min_p and llama.cpp's sampler order --------------------------------------------------------------
+def test_min_p_keeps_tokens_relative_to_the_most_likely():
+    from codellama.sampling import min_p_filter
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    assert min_p_filter(probs, 0.2).tolist() == pytest.approx([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0])
+    assert min_p_filter(probs, 1.0).tolist() == [1.0, 0.0, 0.0, 0.0]
+    logits = torch.log(probs)
+    g = torch.Generator().manual_seed(0)
+    drawn = {sample_row(logits, SamplingParams(temperature=1.0, min_p=0.5), g) for _ in range(200)}
+    assert drawn == {0, 1}  # 0.15 < 0.5 * 0.5: never drawn
+
+
+def test_sampler_order_follows_llama_cpp():
+    from codellama.sampling import ordered_probs
+    logits = torch.tensor([3.0, 2.5, 2.0, 0.0, -1.0])
+    meta = filtered_probs(logits, temperature=0.7, top_k=4, top_p=0.9)
+    same = ordered_probs(logits, SamplingParams(temperature=0.7, top_k=4, top_p=0.9,
+                                                samplers=["top_k", "temperature", "top_p"]))
+    assert torch.allclose(meta, same, atol=1e-6)
+    # top_p before a hot temperature judges the model's own (sharper) distribution: fewer tokens survive.
+    hot = dict(temperature=5.0, top_p=0.6)
+    first = ordered_probs(logits, SamplingParams(**hot, samplers=("top_p", "temperature")))
+    last = ordered_probs(logits, SamplingParams(**hot, samplers=("temperature", "top_p")))
+    assert int((first > 0).sum()) < int((last > 0).sum())
+    # A sampler left out does not run: without "temperature" the distribution is the model's own.
+    own = ordered_probs(logits, SamplingParams(temperature=5.0, top_k=2, samplers=("top_k",)))
+    assert own.tolist() == pytest.approx(torch.softmax(torch.tensor([3.0, 2.5]), -1).tolist() + [0.0] * 3)
+    only_min_p = ordered_probs(logits, SamplingParams(temperature=1.0, min_p=0.5, samplers=["min_p"]))
+    assert only_min_p.tolist()[2:] == [0.0] * 3
+    # Greedy stays greedy whatever the order.
+    assert sample_row(logits, SamplingParams(samplers=("top_p",)), None) == 0
+
+
+def test_samplers_and_min_p_are_validated_and_penalties_can_be_left_out():
+    for bad, word in ((dict(min_p=1.5), "min_p"), (dict(min_p=float("nan")), "min_p"),
+                      (dict(samplers=["top_k", "mirostat"]), "mirostat"), (dict(samplers="top_k"), "samplers")):
+        with pytest.raises(CodeLlamaError, match=word):
+            SamplingParams(**bad)
+    assert SamplingParams(samplers=["top_k"]).samplers == ("top_k",)
+    assert SamplingParams(repetition_penalty=1.2).penalized
+    assert not SamplingParams(repetition_penalty=1.2, samplers=("top_k", "temperature")).penalized
+    assert SamplingParams(repetition_penalty=1.2, samplers=("temperature", "penalties")).penalized
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(logits=st.lists(_EXTREME_FLOATS, min_size=1, max_size=12),
+       temperature=st.one_of(st.floats(1e-5, 1e308), st.sampled_from([3e-38, 1.0000001e-5, 2.0])),
+       top_p=st.one_of(st.floats(0.0, 1.0, exclude_min=True), st.sampled_from([5e-324, 1.0])),
+       top_k=st.integers(0, 20), min_p=st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 1.0])),
+       samplers=st.one_of(st.none(), st.lists(st.sampled_from(["penalties", "top_k", "top_p", "min_p",
+                                                                 "temperature"]), max_size=6)),
+       seed=st.integers(0, 2**64 - 1))
+def test_fuzz_ordered_sampling_and_min_p_always_return_a_valid_token(logits, temperature, top_p, top_k, min_p,
+                                                                     samplers, seed):
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, samplers=samplers,
+                            seed=seed)
+    row = torch.tensor(logits, dtype=torch.float32)
+    token = sample_row(row, params, make_generator(params))
+    assert isinstance(token, int) and 0 <= token < len(logits)
+    if samplers is not None and not params.greedy:
+        from codellama.sampling import ordered_probs
+        probs = ordered_probs(row, params)
+        assert torch.isfinite(probs).all() and probs.sum().item() == pytest.approx(1.0, abs=1e-4)
+        assert probs[token] > 0

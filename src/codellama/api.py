@@ -84,42 +84,63 @@ class CodeLlama:
         return self.model(tokens)
 
     # ---- generation (implemented in generation.py) ------------------------------------------------
-    def complete(self, prompt: str | list[str], *, max_new_tokens: int = 256, temperature: float = 0.0,
+    # Every generation method also takes the repetition controls (``repetition_penalty`` 1 = off, as HF and
+    # llama.cpp's repeat_penalty; ``presence_penalty`` / ``frequency_penalty`` 0 = off, OpenAI's, in [-2, 2];
+    # ``penalty_last_n`` tokens of prompt + completion they look at, 64 as llama.cpp, -1 all as HF, 0 none)
+    # and ``max_new_tokens=None`` (up to the end of the context). A prompt that leaves less room than
+    # ``max_new_tokens`` raises ``CodeLlamaError`` unless ``shrink_max_new_tokens=True`` (then the completion
+    # is cut at the end of the context, finish_reason "length"). The FIM sentinels are never sampled outside
+    # infilling (where only ``EOT`` may be).
+    def complete(self, prompt: str | list[str], *, max_new_tokens: int | None = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-                 logprobs: bool = False, echo: bool = False, stream: bool = False,
-                 prefill_chunk: int = 2048) -> "Completion | list[Completion] | Iterator[str]":
+                 logprobs: bool = False, echo: bool = False, stream: bool = False, prefill_chunk: int = 2048,
+                 repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 penalty_last_n: int = 64, shrink_max_new_tokens: bool = False,
+                 ) -> "Completion | list[Completion] | Iterator[str]":
         """Continue ``prompt`` (greedy unless ``temperature > 0``; below ``sampling.MIN_TEMPERATURE`` is greedy
         too). A list of prompts runs as one batch and returns a list. ``stream=True`` returns an iterator of
         text deltas (its return value is the ``Completion``). ``seed`` is an integer in ``[0, 2**64)``; prompt
         ``i`` of a batch samples with ``(seed + i) mod 2**64``, as it would alone with that seed (the same holds
-        for ``infill`` and ``chat``). ``prompt + completion.text == decode(bos + prompt ids + completion.tokens)``."""
+        for ``infill`` and ``chat``). ``prompt + completion.text == decode(bos + prompt ids + completion.tokens)``.
+        An empty prompt raises ``CodeLlamaError``."""
         from .generation import complete
         return complete(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         top_k=top_k, seed=seed, stop=stop, logprobs=logprobs, echo=echo, stream=stream,
-                        prefill_chunk=prefill_chunk)
+                        prefill_chunk=prefill_chunk, repetition_penalty=repetition_penalty,
+                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                        penalty_last_n=penalty_last_n, shrink_max_new_tokens=shrink_max_new_tokens)
 
     def infill(self, prefix: str | list[str], suffix: str | list[str], *, suffix_first: bool = False,
-               max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               max_new_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                seed: int | None = None, stop: list[str] | None = None, logprobs: bool = False,
-               echo: bool = False, stream: bool = False,
-               prefill_chunk: int = 2048) -> "Completion | list[Completion] | Iterator[str]":
+               echo: bool = False, stream: bool = False, prefill_chunk: int = 2048,
+               repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               penalty_last_n: int = 64, shrink_max_new_tokens: bool = False,
+               ) -> "Completion | list[Completion] | Iterator[str]":
         """The middle between ``prefix`` and ``suffix`` (PSM; SPM with ``suffix_first``), stopping at EOT.
         ``echo=True`` gives the whole document. Raises ``CodeLlamaError`` if the model has no FIM pieces."""
         from .generation import infill
         return infill(self, prefix, suffix, suffix_first=suffix_first, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                      logprobs=logprobs, echo=echo, stream=stream, prefill_chunk=prefill_chunk)
+                      logprobs=logprobs, echo=echo, stream=stream, prefill_chunk=prefill_chunk,
+                      repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                      frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n,
+                      shrink_max_new_tokens=shrink_max_new_tokens)
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]], *, max_new_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-             stop: list[str] | None = None, logprobs: bool = False, echo: bool = False, stream: bool = False,
-             prefill_chunk: int = 2048) -> "Completion | list[Completion] | Iterator[str]":
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]], *,
+             max_new_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, stop: list[str] | None = None, logprobs: bool = False, echo: bool = False,
+             stream: bool = False, prefill_chunk: int = 2048, repetition_penalty: float = 1.0,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, penalty_last_n: int = 64,
+             shrink_max_new_tokens: bool = False) -> "Completion | list[Completion] | Iterator[str]":
         """The assistant's reply to ``messages`` ([{"role", "content"}, ...], ending with the user), or to
         each of a list of dialogs. The format follows the tokenizer (``<step>`` means 70B-Instruct)."""
         from .generation import chat
         return chat(self, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, seed=seed, stop=stop, logprobs=logprobs, echo=echo, stream=stream,
-                    prefill_chunk=prefill_chunk)
+                    prefill_chunk=prefill_chunk, repetition_penalty=repetition_penalty,
+                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                    penalty_last_n=penalty_last_n, shrink_max_new_tokens=shrink_max_new_tokens)
 
     def __repr__(self) -> str:
         c = self.config

@@ -1,4 +1,5 @@
-"""Choosing the next token: greedy, temperature, top-k and top-p (nucleus) sampling, seeded per sequence.
+"""Choosing the next token: repetition penalties and banned ids, then greedy, or temperature, top-k, top-p
+(nucleus) and min-p sampling in Meta's / HF's order or llama.cpp's ``samplers`` order, seeded per sequence.
 
 Everything here works on one decode step's logits and knows nothing about the batch it came from, so a
 scheduler that adds and removes sequences between steps (continuous batching) can reuse it unchanged.
@@ -27,6 +28,8 @@ MIN_TEMPERATURE = 1e-5
 # Seeds are what a torch.Generator takes unsigned: [0, 2**64). Batch row i uses (seed + i) mod 2**64.
 SEED_LIMIT = 2**64
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+# Sampler names ``SamplingParams.samplers`` takes (llama.cpp's, for the samplers implemented here).
+SAMPLERS = ("penalties", "top_k", "top_p", "min_p", "temperature")
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,29 @@ class SamplingParams:
     penalty_last_n: int = 64
     # Token ids that are never chosen (the FIM sentinels in plain completion and chat).
     banned_ids: tuple[int, ...] = ()
+    # llama.cpp's min_p: drop tokens less likely than ``min_p`` times the most likely one (0 = off).
+    min_p: float = 0.0
+    # llama.cpp's sampler order, names from ``SAMPLERS``. None: temperature, top_k, top_p, min_p (HF's order;
+    # Meta's for the first three). Given, the filters run in that order and one left out does not run, as in
+    # llama.cpp (so without "temperature" the distribution is the model's own, and without "penalties" no
+    # penalty applies); "penalties" always runs first, on the raw logits, wherever it is listed. A
+    # temperature of 0 is greedy whatever the order.
+    samplers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         validate_sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
         validate_penalties(repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                            frequency_penalty=self.frequency_penalty, penalty_last_n=self.penalty_last_n)
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise CodeLlamaError(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
+        if self.samplers is not None:
+            if isinstance(self.samplers, str) or not isinstance(self.samplers, (list, tuple)):
+                raise CodeLlamaError(f"samplers must be a list of names from {', '.join(SAMPLERS)}, "
+                                     f"got {self.samplers!r}")
+            unknown = [n for n in self.samplers if n not in SAMPLERS]
+            if unknown:
+                raise CodeLlamaError(f"unknown sampler {unknown[0]!r} (use {', '.join(SAMPLERS)})")
+            object.__setattr__(self, "samplers", tuple(self.samplers))  # frozen: a list becomes hashable
 
     @property
     def greedy(self) -> bool:
@@ -62,6 +83,8 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
+        if self.samplers is not None and "penalties" not in self.samplers:
+            return False
         return self.penalty_last_n != 0 and (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                                              or self.frequency_penalty != 0.0)
 
@@ -185,11 +208,45 @@ def nucleus(probs: Tensor, top_p: float) -> Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
+def min_p_filter(probs: Tensor, min_p: float) -> Tensor:
+    """Keep tokens at least ``min_p`` times as likely as the most likely one, renormalised (llama.cpp, HF)."""
+    kept = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def ordered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Probabilities [..., V] after ``params.samplers`` in their order, each acting on what the previous left:
+    temperature scales the logits; top_k, top_p and min_p remove tokens (top_p and min_p judge the
+    distribution at the current temperature, so a top_p listed before temperature sees the model's own)."""
+    x = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=_FLOAT32_MAX, neginf=float("-inf"))
+    top = x.amax(dim=-1, keepdim=True)
+    x = torch.where(top == float("-inf"), torch.zeros_like(x), x - top)  # best is 0, as in filtered_probs
+    impossible = x == float("-inf")
+    for name in params.samplers or ():
+        if name == "temperature":
+            x = x / min(max(float(params.temperature), MIN_TEMPERATURE), _FLOAT32_MAX)
+        elif name == "top_k" and 0 < params.top_k < x.shape[-1]:
+            kth = torch.topk(x.masked_fill(impossible, float("-inf")), params.top_k, dim=-1).values[..., -1:]
+            impossible = impossible | (x < kth)
+        elif name in ("top_p", "min_p"):
+            probs = torch.softmax(x.masked_fill(impossible, float("-inf")), dim=-1)
+            if name == "top_p" and params.top_p < 1.0:
+                impossible = impossible | (nucleus(probs, float(params.top_p)) == 0)
+            elif name == "min_p" and params.min_p > 0.0:
+                impossible = impossible | (min_p_filter(probs, float(params.min_p)) == 0)
+    return torch.softmax(x.masked_fill(impossible, float("-inf")), dim=-1)
+
+
 def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """The next token for one sequence from its logits [V]."""
     if params.greedy:
         return int(torch.argmax(logits).item())
-    probs = filtered_probs(logits, params.temperature, params.top_k, params.top_p)
+    if params.samplers is not None:
+        probs = ordered_probs(logits, params)
+    else:
+        probs = filtered_probs(logits, params.temperature, params.top_k, params.top_p)
+        if params.min_p > 0.0:
+            probs = min_p_filter(probs, params.min_p)
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 

@@ -200,8 +200,10 @@ def _generate_batch(llama: "CodeLlama", kind: str, batch: list, settings: Genera
         else:
             fits.append((g, p, s))
     if fits:
+        # shrink_max_new_tokens: a long prompt gets what is left of the context (finish_reason "length"), as
+        # Meta's evaluation does, rather than an error.
         common = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                      top_p=settings.top_p, top_k=settings.top_k,
+                      top_p=settings.top_p, top_k=settings.top_k, shrink_max_new_tokens=True,
                       seed=None if settings.temperature == 0 else settings.seed + fits[0][0])
         # Sampling: row r of a call gets seed + r, so a call may only hold consecutive sample indices; split
         # the batch wherever they are not. Greedy needs no seed and batches freely.
