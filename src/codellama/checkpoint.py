@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint_files import (NATIVE_WEIGHTS, TOKENIZER_FILE, TensorInfo, check_float_dtype, checkpoint_dir,
-                               confined_file, detect_format, expected_shapes, file_index, hf_weight_files,
-                               meta_shards, read_config_json, read_tensors)
+from .checkpoint_files import (NATIVE_WEIGHTS, TOKENIZER_FILE, TensorInfo, atomic_output, check_float_dtype,
+                               checkpoint_dir, confined_file, detect_format, expected_shapes, file_index,
+                               hf_weight_files, meta_shards, read_config_json, read_tensors,
+                               refuse_non_empty_output)
 from .config import ModelConfig
 from .config_validation import clean_name, shown, shown_name
 from .errors import CodeLlamaError
@@ -421,21 +422,28 @@ def convert(src: str | Path, dst: str | Path, to: str = "native", shards: int = 
             dtype: torch.dtype | None = None, outtype: str = "f16") -> Path:
     """Rewrite the checkpoint ``src`` in layout ``to``; the tokenizer travels along. Without ``dtype`` the
     tensors keep their stored dtype, so Meta -> HF -> Meta is bit-exact. ``to="gguf"`` writes the file ``dst``
-    in ``outtype`` (f32, f16 or q8_0); a ``.gguf`` ``src`` converts to any directory layout."""
+    in ``outtype`` (f32, f16 or q8_0); a ``.gguf`` ``src`` converts to any directory layout. The output is
+    written to a temporary sibling and renamed into place only when complete: a failure leaves nothing."""
+    if to != "gguf" and to not in FORMATS:
+        raise CodeLlamaError(f"unknown checkpoint format {to!r} (use {', '.join(FORMATS)}, gguf)")
+    if to != "gguf" and _is_gguf(dst):  # would write a directory named *.gguf, then fail to find the file
+        raise CodeLlamaError(f"the output {shown_name(str(dst))} is named like a GGUF file but --to is {to}; "
+                             "use --to gguf, or a directory name for the other layouts")
+    if _is_quantized_dir(src):
+        raise CodeLlamaError(f"{shown_name(str(src))} is a quantized checkpoint (codellama quantize); converting "
+                             "it is not supported: convert the original float checkpoint, then quantize the result")
     if to == "gguf" or _is_gguf(src):
         return _convert_gguf(src, dst, to, shards, dtype, outtype)
-    if to not in FORMATS:
-        raise CodeLlamaError(f"unknown checkpoint format {to!r} (use {', '.join(FORMATS)}, gguf)")
     src_dir, dst_dir = checkpoint_dir(src), Path(dst).expanduser()
     if dst_dir.exists() and dst_dir.resolve() == src_dir.resolve():
         raise CodeLlamaError("the destination must differ from the source checkpoint")
-    if dst_dir.exists() and (not dst_dir.is_dir() or any(dst_dir.iterdir())):
-        # Files of another layout left there would make the result ambiguous to load.
-        raise CodeLlamaError(f"destination {dst_dir} already exists and is not an empty directory")
+    refuse_non_empty_output(dst_dir)
     # Copied along, so it must really be the checkpoint's: a symlink to a file elsewhere would leak that file.
     tok = confined_file(src_dir, TOKENIZER_FILE, "tokenizer") if (src_dir / TOKENIZER_FILE).exists() else None
     model = load_model(src_dir)
-    return save_checkpoint(model, dst_dir, format=to, tokenizer=tok, shards=shards, dtype=dtype)
+    with atomic_output(dst_dir) as tmp:
+        save_checkpoint(model, tmp, format=to, tokenizer=tok, shards=shards, dtype=dtype)
+    return dst_dir
 
 
 def _is_gguf(path: str | Path) -> bool:
@@ -450,20 +458,22 @@ def _convert_gguf(src: str | Path, dst: str | Path, to: str, shards: int, dtype:
                   outtype: str) -> Path:
     """GGUF in or out (see ``gguf.py``): the rebuilt SentencePiece model travels as ``tokenizer.model``."""
     from .gguf import save_gguf
-    if to != "gguf" and to not in FORMATS:
-        raise CodeLlamaError(f"unknown checkpoint format {to!r} (use {', '.join(FORMATS)}, gguf)")
     dst_path = Path(dst).expanduser()
     if dst_path.exists() and dst_path.resolve() == Path(src).expanduser().resolve():
         raise CodeLlamaError("the destination must differ from the source checkpoint")
+    if to == "gguf" and not _is_gguf(dst_path):
+        raise CodeLlamaError(f"a GGUF output needs a .gguf file name, got {dst_path}")
+    if to != "gguf":
+        refuse_non_empty_output(dst_path)
     model = load_model(src, dtype=dtype)
     tok = load_tokenizer(src)
-    if to == "gguf":
-        if not _is_gguf(dst_path):
-            raise CodeLlamaError(f"a GGUF output needs a .gguf file name, got {dst_path}")
-        return save_gguf(model, tok, dst_path, outtype=outtype)
-    out = save_checkpoint(model, dst_path, format=to, shards=shards, dtype=dtype)
-    (out / TOKENIZER_FILE).write_bytes(tok.model_proto)
-    return out
+    with atomic_output(dst_path) as tmp:
+        if to == "gguf":
+            save_gguf(model, tok, tmp, outtype=outtype)
+        else:
+            save_checkpoint(model, tmp, format=to, shards=shards, dtype=dtype)
+            (tmp / TOKENIZER_FILE).write_bytes(tok.model_proto)
+    return dst_path
 
 
 # ---- describing without loading ------------------------------------------------------------------------

@@ -11,11 +11,14 @@ Everything a loader reads goes through here, so the rules hold for every layout:
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import shutil
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -248,3 +251,38 @@ def check_float_dtype(name: str, file: Path, dtype: str) -> None:
 __all__ = ["NATIVE_WEIGHTS", "TOKENIZER_FILE", "TensorInfo", "checkpoint_dir", "confined_file", "read_config_json",
            "torch_load", "file_index", "read_tensors", "meta_shards", "hf_weight_files", "detect_format",
            "expected_shapes", "check_float_dtype"]
+
+
+# ---- writing outputs ---------------------------------------------------------------------------------------
+def refuse_non_empty_output(dst: Path) -> None:
+    """Files of another layout left in ``dst`` would make the result ambiguous to load: only a missing path
+    or an empty directory may be written."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CodeLlamaError(f"destination {dst} already exists and is not an empty directory")
+
+
+@contextmanager
+def atomic_output(dst: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path of ``dst`` to write into (a file or a directory); when the block ends
+    normally it is renamed to ``dst`` (replacing an empty directory or a file), otherwise it is deleted, so a
+    failed or interrupted write never leaves a partial checkpoint under the final name."""
+    dst = Path(dst).expanduser()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # The name keeps its extension (save_gguf wants ".gguf") and hides the unfinished output from listings.
+    tmp = dst.with_name(f".partial-{os.getpid()}-{dst.name}")
+    _remove_path(tmp)
+    try:
+        yield tmp
+        if dst.is_dir():
+            dst.rmdir()  # empty (callers checked): os.replace cannot put a file over a directory
+        os.replace(tmp, dst)
+    except BaseException:  # KeyboardInterrupt too: the partial output must not survive
+        _remove_path(tmp)
+        raise
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..cli_generate import add_threads_option, apply_threads
 from ..errors import CodeLlamaError
 
 GENERATION_BENCHMARKS = ("humaneval", "mbpp", "humaneval-infilling", "mbpp-infilling")
@@ -45,6 +46,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="results JSON (default: BENCH-MODEL.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_threads_option(p)
 
 
 def _gen_args(p: argparse.ArgumentParser, *, max_new_tokens: int, chat: bool = False) -> None:
@@ -177,6 +179,7 @@ def build_problems(bench: str, *, data=None, chat: bool = False, subset: str = "
 
 def _load(args):
     from ..api import load
+    apply_threads(args.threads)
     llama = load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
                  max_seq_len=args.max_seq_len)
     if args.name:

@@ -238,6 +238,7 @@ def _recipe_keys(path: Path, depth: int = 0) -> dict[str, Any]:
             if k in flat:
                 raise CodeLlamaError(f"{path}: key {k!r} given twice")
             flat[k] = v
+    _resolve_file_relative_paths(path, flat)
     base = flat.pop("base", None)
     if base is None:
         return flat
@@ -254,11 +255,33 @@ def _recipe_keys(path: Path, depth: int = 0) -> dict[str, Any]:
     return {**inherited, **flat}
 
 
+# Inputs and caches a recipe names by path: a relative one is relative to the recipe file that names it (as
+# ``base`` is), so a run does not depend on the directory it was started from. The bundled recipes are the
+# exception: the package directory is no workspace, so their paths (``runs/data/...``) stay relative to the
+# current directory, like ``out_dir`` (an output, as ``--out-dir`` on the command line) in every recipe.
+_FILE_RELATIVE_KEYS = ("data_dir", "tokenizer")
+
+
+def _resolve_file_relative_paths(path: Path, keys: dict[str, Any]) -> None:
+    try:
+        bundled = path.resolve().parent == RECIPES_DIR
+    except (OSError, RuntimeError):
+        bundled = False
+    if bundled:
+        return
+    for key in _FILE_RELATIVE_KEYS:
+        value = keys.get(key)
+        if isinstance(value, str) and value and "\0" not in value and not Path(value).expanduser().is_absolute():
+            keys[key] = str(path.parent / value)
+
+
 def load_recipe(name_or_path: str | Path, **overrides: Any) -> TrainConfig:
     """Read a TOML recipe. Sections (``[data]``, ``[model]``, ``[optim]``, ``[run]``) are for the reader only:
     keys are the ``TrainConfig`` fields and must be unique across them. ``base = "other-recipe"`` starts from the
     keys of another recipe (a path beside this one or a bundled name), which this one's keys override — how a
-    later stage shares an earlier stage's data settings without repeating them."""
+    later stage shares an earlier stage's data settings without repeating them. A relative ``data_dir`` or
+    ``tokenizer`` is relative to the recipe file that sets it (bundled recipes: to the current directory);
+    ``out_dir`` is relative to the current directory."""
     path = find_recipe(name_or_path)
     flat = _recipe_keys(path)
     unknown = sorted(set(flat) - _FIELD_NAMES)

@@ -255,6 +255,8 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
     out = Path(config.out_dir)
     # Everything read from disk is read (and refused, if it must be) before minutes of data preparation.
     resumed = read_run_checkpoint(out, log=log) if resume else None
+    if resume and resumed is None:  # a typo in --out-dir must not silently start a new run from step 0
+        raise CodeLlamaError(f"cannot resume: no checkpoint in {out} (run without --resume to start a new run)")
     if resumed is not None:
         _check_resumable(*resumed, config)
     init_source = _init_source(config, log)
@@ -286,8 +288,6 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
         log(f"resumed {out} at step {step}")
         del ckpt  # its tensors are copied into the model and optimizer: do not keep a second copy alive
     else:
-        if resume:
-            log(f"no checkpoint in {out}; starting from scratch")
         clear_run_checkpoints(out)  # a fresh start: no earlier run's checkpoint may be resumed or fallen back to
         log_path.unlink(missing_ok=True)
     del resumed, init_source
