@@ -84,14 +84,31 @@ _SEED = st.one_of(st.sampled_from([0, -1, 2**64 - 1, 2**64, 2**70, -2]), st.inte
 # A text field's value: usually clean, sometimes with a lone surrogate.
 _FIELD_TEXT = st.one_of(_CLEAN_TEXT, _CLEAN_TEXT, _TEXT)
 _SAMPLING = {
-    "max_tokens": st.integers(0, MAX_TOKENS), "temperature": _TEMPERATURE,
+    "max_tokens": st.integers(-1, MAX_TOKENS), "temperature": _TEMPERATURE,
     "top_p": st.one_of(st.floats(0, 1, exclude_min=True), st.sampled_from([5e-324, 1e-300, 1.0])),
     "top_k": st.one_of(st.integers(-1, 600), st.sampled_from([10**30, 2**64])), "n": st.integers(1, 4),
     "seed": _SEED, "stop": st.one_of(_FIELD_TEXT, st.lists(_FIELD_TEXT, max_size=3)), "stream": st.booleans(),
     "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}),
                                 st.sampled_from([3, "yes", [], None, {"include_usage": 1}])),
-    "presence_penalty": st.just(0), "logit_bias": st.just({}),
-    "response_format": st.just({"type": "text"}), "user": _FIELD_TEXT, "model": _FIELD_TEXT,
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.one_of(st.floats(0, 100, exclude_min=True), st.sampled_from([1.0, 1e-300, 100.0])),
+    "logit_bias": st.just({}),
+    "response_format": st.just({"type": "text"}), "user": _FIELD_TEXT,
+    "model": st.one_of(st.sampled_from(["tiny", "", None]), _FIELD_TEXT),
+}
+# llama.cpp's options (/completion and /infill), as llama.vscode, llama.vim and Tabby send them.
+_LLAMACPP = {
+    "n_predict": st.integers(-1, MAX_TOKENS), "temperature": _TEMPERATURE,
+    "top_p": _SAMPLING["top_p"], "top_k": _SAMPLING["top_k"], "seed": _SEED, "stop": _SAMPLING["stop"],
+    "stream": st.booleans(), "min_p": st.floats(0, 1), "repeat_penalty": st.floats(0.5, 2),
+    "repeat_last_n": st.integers(-1, 128), "penalty_last_n": st.integers(-1, 128),
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2), "cache_prompt": st.booleans(),
+    "id_slot": st.integers(-1, 3), "n_indent": st.integers(0, 8),
+    "t_max_prompt_ms": st.sampled_from([-1, 0, 500]), "t_max_predict_ms": st.sampled_from([-1, 0, 1, 1000]),
+    "samplers": st.one_of(st.lists(st.sampled_from(["top_k", "top_p", "infill", "min_p", "temperature",
+                                                    "penalties"]), max_size=4), st.sampled_from(["top_k;top_p"])),
+    "response_fields": st.lists(st.sampled_from(["content", "timings/prompt_n", "tokens_cached", "truncated",
+                                                 "nothing/there", "generation_settings.n_predict"]), max_size=3),
 }
 _PROMPT = st.one_of(_FIELD_TEXT, st.lists(_FIELD_TEXT, min_size=1, max_size=2),
                     st.lists(st.integers(0, 511), min_size=1, max_size=20))
@@ -106,13 +123,18 @@ _DIALOG = st.one_of(
                                     "content": st.one_of(_TEXT, st.none())}), max_size=3))
 
 REQUIRED = {"/v1/completions": {"prompt": _PROMPT}, "/v1/chat/completions": {"messages": _DIALOG},
-            "/infill": {"input_prefix": _FIELD_TEXT}}
+            "/infill": {"input_prefix": _FIELD_TEXT},
+            "/completion": {"prompt": st.one_of(_FIELD_TEXT, st.lists(st.one_of(st.integers(0, 511), _FIELD_TEXT),
+                                                                      min_size=1, max_size=6))},
+            "/tokenize": {"content": _FIELD_TEXT}, "/detokenize": {"tokens": st.lists(st.integers(0, 511))}}
 OPTIONAL = {
     "/v1/completions": _SAMPLING | {"suffix": _FIELD_TEXT, "echo": st.booleans(), "logprobs": st.integers(0, 5)},
     "/v1/chat/completions": _SAMPLING | {"logprobs": st.booleans(), "top_logprobs": st.integers(0, 5),
                                          "max_completion_tokens": st.integers(0, MAX_TOKENS)},
-    "/infill": _SAMPLING | {"input_suffix": _FIELD_TEXT, "prompt": _FIELD_TEXT,
-                            "n_predict": st.integers(-1, MAX_TOKENS),
+    "/completion": _LLAMACPP,
+    "/tokenize": {"add_special": st.booleans(), "with_pieces": st.booleans()},
+    "/detokenize": {"parse_special": st.booleans()},  # llama.cpp options we ignore
+    "/infill": _SAMPLING | _LLAMACPP | {"input_suffix": _FIELD_TEXT, "prompt": _FIELD_TEXT,
                             "input_extra": st.lists(st.fixed_dictionaries({"filename": _FIELD_TEXT,
                                                                            "text": _FIELD_TEXT}), max_size=2)},
 }

@@ -143,11 +143,17 @@ def test_prompt_scoring_and_context_limits(llama):
         assert seq.request.prompt_token_logprobs == pytest.approx(want.logprobs[:len(job.prompt)], abs=1e-5)
         with pytest.raises(CodeLlamaError, match="context is 64 tokens"):
             _run(engine, llama, "x " * 80, max_tokens=1)
-        # Near the end of the context the budget shrinks to what is left (finish_reason "length").
+        # A budget beyond the context is refused, naming the numbers (as vLLM and OpenAI do) ...
         long = "a b " * 25
         n = len(llama.tokenizer.encode(long, bos=True))
-        final = list(_run(engine, llama, long, max_tokens=100))[-1].completion
-        assert len(final.tokens) == 64 - n and final.finish_reason == "length"
+        with pytest.raises(CodeLlamaError, match=f"the prompt is {n} tokens and max_tokens is 100: "
+                                                 f"{n + 100} tokens, more than the context of 64 tokens"):
+            _run(engine, llama, long, max_tokens=100)
+        # ... unless asked to shrink it to what is left (finish_reason "length"); None is "up to the end".
+        for options in ({"max_tokens": 100, "shrink_max_tokens": True}, {"max_tokens": None}):
+            final = list(_run(engine, llama, long, **options))[-1].completion
+            assert len(final.tokens) == 64 - n and final.finish_reason == "length"
+        assert len(list(_run(engine, llama, long, max_tokens=64 - n))[-1].completion.tokens) == 64 - n
     finally:
         engine.stop()
     with pytest.raises(CodeLlamaError, match="max_batch_size"):
@@ -271,3 +277,33 @@ def test_a_row_that_raises_fails_alone_and_the_others_equal_their_solo_runs(llam
         assert after.text == llama.complete(PROMPTS[4], max_new_tokens=12).text
     finally:
         engine.stop()
+
+
+def test_penalties_and_banned_ids_in_the_engine_equal_the_library(llama):
+    # Several concurrent greedy rows with repetition penalties (one also with OpenAI's presence/frequency
+    # penalties, one with none) must give exactly what CodeLlama.complete gives alone.
+    options = [{"repetition_penalty": 1.2}, {"repetition_penalty": 1.2, "penalty_last_n": -1},
+               {"repetition_penalty": 1.2, "presence_penalty": 0.5, "frequency_penalty": 1.5, "penalty_last_n": 8},
+               {}]
+    prompts = PROMPTS[:4]
+    solo = [llama.complete(p, max_new_tokens=30, **o) for p, o in zip(prompts, options)]
+    plain = [llama.complete(p, max_new_tokens=30) for p in prompts]
+    assert any(s.tokens != p.tokens for s, p in zip(solo[:3], plain))  # the penalties change something here
+    engine = Engine(llama, max_batch_size=4, threads=1).start()
+    try:
+        sinks = [_run(engine, llama, p, max_tokens=30, **o) for p, o in zip(prompts, options)]
+        got = [list(s)[-1].completion for s in sinks]
+        # A banned id is never chosen: ban what the model picks first and it picks something else.
+        first = plain[0].tokens[0]
+        banned = list(_run(engine, llama, prompts[0], max_tokens=3, banned_ids=(first,)))[-1].completion
+    finally:
+        engine.stop()
+    assert [c.tokens for c in got] == [s.tokens for s in solo]
+    assert [c.text for c in got] == [s.text for s in solo]
+    assert first not in banned.tokens
+    # Plain completion never writes the FIM sentinels (the job carries them as banned ids).
+    from codellama.formats import banned_ids
+    job = build_job(llama, "complete", prompt="x")
+    assert job.banned == banned_ids(llama.tokenizer, "complete") and len(job.banned) == 4
+    [seq] = make_sequences(llama, job, sink=lambda i, e: None)
+    assert set(job.banned) <= set(seq.request.sampling.banned_ids)

@@ -25,6 +25,8 @@ from codellama.config import ModelConfig  # noqa: E402
 from codellama.errors import CodeLlamaError  # noqa: E402
 from codellama.model import Transformer  # noqa: E402
 from codellama.serving import app as app_module  # noqa: E402
+from codellama.serving import core as core_module  # noqa: E402
+from codellama.serving import openai_api as openai_module  # noqa: E402
 from codellama.serving.app import ServerConfig, create_app, running_server  # noqa: E402
 from codellama.serving.scheduler import Engine  # noqa: E402
 from codellama.serving.server import _uvicorn_config  # noqa: E402
@@ -86,6 +88,10 @@ SURROGATES = [
     ("/infill", '{"input_prefix": "a", "prompt": "\\ud800"}', "prompt"),
     ("/infill", '{"input_extra": [{"filename": "\\ud800", "text": "x"}]}', "input_extra[0].filename"),
     ("/infill", '{"input_extra": [{"filename": "f", "text": "\\ud800"}]}', "input_extra[0].text"),
+    ("/completion", '{"prompt": "a\\ud800b"}', "prompt"),
+    ("/completion", '{"prompt": [1, "\\udfff"]}', "prompt[1]"),
+    ("/tokenize", '{"content": "\\ud800"}', "content"),
+    ("/completions", '{"prompt": "x", "suffix": "\\ud800"}', "suffix"),
     ("/v1/completions", '{"prompt": "x", "\\ud800": 1}', "body (a key)"),
 ]
 
@@ -210,7 +216,7 @@ def records():
 def test_an_unexpected_bug_is_one_generic_500_and_one_traceback(llama, monkeypatch, records):
     def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
-    monkeypatch.setattr(app_module, "make_sequences", broken)
+    monkeypatch.setattr(core_module, "make_sequences", broken)
     with running_server(create_app(llama, max_batch_size=1, threads=1)) as url:
         for name in ("uvicorn", "uvicorn.error"):  # the server's start reconfigures uvicorn's loggers
             logging.getLogger(name).addHandler(records)
@@ -229,9 +235,9 @@ def test_an_unexpected_bug_is_one_generic_500_and_one_traceback(llama, monkeypat
 def test_library_errors_from_anywhere_are_400s(server, monkeypatch):
     url, _ = server
 
-    def refuse(messages):
+    def refuse(*args, **kwargs):
         raise CodeLlamaError("no chatting today")
-    monkeypatch.setattr(app_module, "chat_messages", refuse)
+    monkeypatch.setattr(openai_module, "openai_sampling", refuse)
     err = _error(httpx.post(url + CHAT, json={"messages": USER}))
     assert err["message"] == "no chatting today" and err["type"] == "invalid_request_error"
 

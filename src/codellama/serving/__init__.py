@@ -3,9 +3,11 @@
 
 - ``scheduler``: the engine thread (one KV cache of ``max_batch_size`` rows; one request's failure is its own);
 - ``sequences``: what it runs (``Sequence``, ``Event``) and how a task becomes sequences;
-- ``app``: the endpoints; ``schema``: reading and checking bodies; ``errors``: the one place where exceptions
-  become OpenAI-style error responses; ``metrics``: Prometheus; ``server``: uvicorn, limits (body timeout,
-  connection cap).
+- ``app``: the app (auth, error handling, metrics) with one router per protocol: ``openai_api`` and
+  ``llamacpp_api``, on ``core.Serving`` (jobs to sequences and back); ``schema``: reading and checking OpenAI
+  bodies; ``models``: pydantic models of llama.cpp's bodies; ``errors``: the one place where exceptions
+  become OpenAI-style error responses; ``metrics``: Prometheus (``prometheus_client``); ``server``: uvicorn,
+  limits (body timeout, connection cap).
 
 From Python::
 

@@ -10,7 +10,13 @@ Per-sequence logic (``sequences.py``) is the generation engine's (``Request``, `
 ``TextStream`` for exact text deltas and stop strings); a newcomer's prefill is the same ``forward_step`` call a
 solo run makes, so greedy output matches ``CodeLlama.complete/infill/chat`` run alone. Results leave the thread as
 ``Event`` objects through each sequence's ``sink`` (a thread-safe callable: the HTTP layer hands in one that
-posts to its asyncio loop)."""
+posts to its asyncio loop).
+
+llama.cpp's server features live beside it: prefix caching and slot ids (``prefix_cache.py``, used by the
+prefill in ``prefill.py``), the FIM time and indentation limits and the timings (``Sequence.deliver``,
+``sequences.timings``), the ``/slots`` view (``slots.py``). Rows that ask for repetition penalties or banned ids
+get their logits adjusted before the choice (``sampling.adjust_logits``, as the library's loop does); the others
+keep the batched greedy argmax."""
 
 from __future__ import annotations
 
@@ -24,21 +30,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CodeLlamaError
-from ..generation import (DEFAULT_PREFILL_CHUNK, _completion, accept_token, available_memory, decoder_for,
-                          forward_step)
+from ..generation import DEFAULT_PREFILL_CHUNK, _completion, accept_token, available_memory, decoder_for
 from ..model import KVCache, apply_rope, rope_angles
-from ..sampling import sample_row
+from ..sampling import adjust_logits, sample_row
+from .prefill import PREFILL_BUCKET, PrefillMixin
+from .prefix_cache import RowTable, exchange_rows
 # What the engine runs lives in sequences.py; re-exported because callers build sequences for this engine.
-from .sequences import (Event, QueueSink, Sequence, build_job, make_sequences, token_text,  # noqa: F401
-                        truncated_infill_job)
+from .sequences import (Event, QueueSink, Sequence, build_job, make_sequences, timings,  # noqa: F401
+                        token_text, truncated_infill_job)
+from .slots import default_params, slot_views
 
 # Waiting sequences beyond this many make ``submit`` raise ``QueueFull`` (the server answers 503).
 DEFAULT_MAX_QUEUE = 64
 # A newcomer's prompt tokens prefilled per scheduler iteration before the running rows get their next step;
 # at least one newcomer is admitted per iteration whatever its length.
 DEFAULT_PREFILL_BUDGET = 2048
-# Prefill lengths are padded to a multiple of this with packed (oneDNN) weights; see Engine._prefill.
-PREFILL_BUCKET = 32
 MAX_TOP_LOGPROBS = 20
 
 
@@ -56,7 +62,8 @@ class EngineStats:
 
     steps: int = 0
     prefills: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens evaluated (those reused from a prefix cache excluded)
+    prompt_tokens_cached: int = 0  # prompt tokens reused from a prefix cache
     generated_tokens: int = 0
     finished: int = 0
     cancelled: int = 0
@@ -64,7 +71,7 @@ class EngineStats:
     batch_rows_sum: int = 0  # sum over steps of active rows: mean batch = batch_rows_sum / steps
 
 
-class Engine:
+class Engine(PrefillMixin):
     """The continuous-batching scheduler. ``start()`` launches the thread; ``submit()`` queues sequences."""
 
     def __init__(self, llama, *, max_batch_size: int = 16, max_queue: int = DEFAULT_MAX_QUEUE,
@@ -102,6 +109,9 @@ class Engine:
         self._cache: KVCache | None = None
         self._lens: Tensor | None = None  # per row: the next free slot
         self._pads: Tensor | None = None  # per row: padding slots before the prompt
+        self._table = RowTable(max_batch_size)  # slot ids and cached prompts of the rows (prefix_cache.py)
+        self._claimed: set[int] = set()  # slot ids that admitted id_slot requests will run in
+        self._task_ids = 0
 
     # ---- public, any thread ------------------------------------------------------------------------
     @property
@@ -116,6 +126,22 @@ class Engine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def n_ctx(self) -> int:
+        return self.context
+
+    def slots(self) -> list[dict]:
+        """llama.cpp's ``GET /slots``: one object per slot (cache row), by slot id. A snapshot taken without
+        stopping the engine: counts may be one step old."""
+        return slot_views(self._table, list(self._rows), self.context)
+
+    def props(self) -> dict:
+        """What llama.cpp's ``GET /props`` reports about the engine: context, slots, default settings."""
+        return {"default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": self.context,
+                                                "speculative": False, "is_processing": False,
+                                                "params": default_params()},
+                "total_slots": self.max_batch_size, "n_ctx": self.context, "model_path": self.llama.name}
+
     def start(self) -> "Engine":
         if self.running:
             return self
@@ -125,6 +151,8 @@ class Engine:
                                        dtype=self._dtype)
         self._lens = torch.zeros(self.max_batch_size, dtype=torch.long, device=self._device)
         self._pads = torch.zeros(self.max_batch_size, dtype=torch.long, device=self._device)
+        self._table.reset()
+        self._claimed = set()
         self._thread = threading.Thread(target=self._loop, name="codellama-engine", daemon=True)
         self._thread.start()
         return self
@@ -146,11 +174,19 @@ class Engine:
     def submit(self, sequences: list[Sequence]) -> None:
         """Queue sequences (all or none). Raises ``QueueFull`` when they would not fit in the queue."""
         for seq in sequences:
-            if len(seq.job.prompt) >= self.context:
-                raise CodeLlamaError(f"the prompt is {len(seq.job.prompt)} tokens but the context is "
-                                     f"{self.context} tokens")
+            P = len(seq.job.prompt)
+            if P >= self.context:
+                raise CodeLlamaError(f"the prompt is {P} tokens but the context is {self.context} tokens")
+            if seq.slot is not None and seq.slot >= self.max_batch_size:
+                raise CodeLlamaError(f"id_slot must be -1 or a slot id in [0, {self.max_batch_size}), "
+                                     f"got {seq.slot}")
             # Room for the prompt and what is generated (the last token is never fed back).
-            seq.request.max_new_tokens = min(seq.request.max_new_tokens, self.context - len(seq.job.prompt))
+            room = self.context - P
+            asked = seq.request.max_new_tokens
+            if asked > room and seq.generate and not (seq.until_context_end or seq.shrink_max_tokens):
+                raise CodeLlamaError(f"the prompt is {P} tokens and max_tokens is {asked}: {P + asked} tokens, "
+                                     f"more than the context of {self.context} tokens; ask for at most {room}")
+            seq.request.max_new_tokens = min(asked, room)
         with self._cv:
             if self._stop or not self.running:
                 raise EngineStopped("the engine is not running")
@@ -160,6 +196,8 @@ class Engine:
             now = time.perf_counter()
             for seq in sequences:
                 seq.submitted = now
+                self._task_ids += 1
+                seq.task_id = self._task_ids
                 self._waiting.append(seq)
             self._cv.notify_all()
 
@@ -229,62 +267,24 @@ class Engine:
         for seq in [s for s in self._waiting if s.cancelled]:
             self._waiting.remove(seq)
             self._finish(seq, "cancelled")
-        admitted, budget = [], self.prefill_budget
+        admitted, budget, deferred = [], self.prefill_budget, []
         while self._waiting and len(self._rows) + len(admitted) < self.max_batch_size:
-            n = len(self._waiting[0].job.prompt)
+            seq = self._waiting[0]
+            n = len(seq.job.prompt)
             if admitted and n > budget:
                 break
-            admitted.append(self._waiting.popleft())
+            self._waiting.popleft()
+            if seq.slot is not None and seq.slot >= 0:
+                # llama.cpp defers a request for a busy slot until that slot is free; others go ahead of it.
+                if seq.slot in self._claimed or self._table.row_of(seq.slot) < len(self._rows):
+                    deferred.append(seq)
+                    continue
+                self._claimed.add(seq.slot)
+            admitted.append(seq)
             budget -= n
+        self._waiting.extendleft(reversed(deferred))
         self._admitting = len(admitted)
         return admitted
-
-    def _prefill(self, dec, seq: Sequence) -> None:
-        """Run the prompt through the model into the next free row and sample the first token."""
-        row = len(self._rows)
-        cache = self._cache
-        P = len(seq.job.prompt)
-        # oneDNN keeps a compiled kernel per input shape for packed weights, so prefilling every distinct prompt
-        # length would grow memory by ~0.5 MB per length seen. Left-padding to a multiple of PREFILL_BUCKET
-        # bounds the shapes; padding slots are masked out (as in a left-padded batch) and get no RoPE position.
-        pad = (-P) % PREFILL_BUCKET if dec.packed else 0
-        pad = max(0, min(pad, self.context - P - max(seq.request.max_new_tokens, 1) + 1))
-        T = P + pad
-        tokens = torch.zeros(1, T, dtype=torch.long, device=self._device)
-        tokens[0, pad:] = torch.tensor(seq.job.prompt, device=self._device)
-        positions = (torch.arange(T, device=self._device) - pad).clamp(min=0).unsqueeze(0)
-        cache.valid[row] = True
-        cache.valid[row, :pad] = False
-        # A one-row view of the shared cache: without padding the prefill is exactly a solo run's.
-        view = KVCache(k=cache.k[:, row:row + 1], v=cache.v[:, row:row + 1], valid=cache.valid[row:row + 1])
-        logits = None
-        if seq.prompt_logprobs:
-            seq.request.prompt_token_logprobs = [0.0]
-            seq.prompt_top = [[]]
-        for start in range(0, T, self.prefill_chunk):
-            end = min(start + self.prefill_chunk, T)
-            logits = forward_step(self.model, dec, tokens[:, start:end], positions[:, start:end], view, self._rope,
-                                  pad > 0, last_only=not seq.prompt_logprobs, decode=False)
-            if seq.prompt_logprobs:
-                # logits[:, t] scores the token in slot start + t + 1; slots before pad + 1 hold no prediction.
-                lo = max(start, pad)
-                targets = tokens[0, lo + 1:end + 1]
-                if len(targets):
-                    lps, tops = self._logprobs(logits[0, lo - start:lo - start + len(targets)], targets.tolist(),
-                                               seq.top_logprobs or 0)
-                    seq.request.prompt_token_logprobs.extend(lps)
-                    seq.prompt_top.extend(tops)
-                logits = logits[:, -1:]
-        self.stats.prefills += 1
-        self.stats.prompt_tokens += P
-        self._lens[row] = T
-        self._pads[row] = pad
-        seq._row = row
-        self._rows.append(seq)
-        if not seq.generate:
-            seq.request.finish("length")
-            return
-        self._sample(seq_rows=[seq], logits=logits[:, -1])
 
     def _decode(self, dec) -> None:
         """One token for every active row, in one batched forward with per-row cache positions."""
@@ -323,6 +323,9 @@ class Engine:
 
     def _choose(self, seq_rows: list[Sequence], logits: Tensor) -> list[int | None]:
         """Each row's next token (``None`` for a row whose sampling raised: that sequence alone fails)."""
+        adjusted = [i for i, s in enumerate(seq_rows) if s.request.sampling.adjusts_logits]
+        if adjusted:
+            logits = self._adjusted(seq_rows, logits, adjusted)
         greedy = [i for i, s in enumerate(seq_rows) if s.request.sampling.greedy]
         chosen: list[int | None] = [None] * len(seq_rows)
         if greedy:
@@ -337,6 +340,37 @@ class Engine:
                 except Exception as e:
                     self._fail_row(seq, e)
         return chosen
+
+    def _adjusted(self, seq_rows: list[Sequence], logits: Tensor, rows: list[int]) -> Tensor:
+        """The logits with banned ids and repetition penalties applied to the ``rows`` that ask for them (a copy;
+        logprobs are still reported from the model's own logits, as the library does)."""
+        out = logits.clone()
+        banned_only: dict[tuple[int, ...], list[int]] = {}
+        for i in rows:
+            seq = seq_rows[i]
+            if seq.cancelled or seq.request.finished:
+                continue
+            params, r = seq.request.sampling, seq.request
+            if not params.penalized:
+                # Most rows only ban the FIM sentinels: one batched fill per set of ids, not a copy per row.
+                banned_only.setdefault(params.banned_ids, []).append(i)
+                continue
+            n = params.penalty_last_n
+            # Only the window the penalties look at (prompt + completion): a long prompt is not copied per step.
+            if n < 0:
+                history = r.prompt + r.tokens
+            elif n <= len(r.tokens):
+                history = r.tokens[len(r.tokens) - n:]
+            else:
+                history = r.prompt[max(0, len(r.prompt) - (n - len(r.tokens))):] + r.tokens
+            try:
+                out[i] = adjust_logits(logits[i], history, params)
+            except Exception as e:
+                self._fail_row(seq, e)
+        for banned, idx in banned_only.items():
+            ids = torch.tensor(banned, device=out.device)
+            out[torch.tensor(idx, device=out.device).unsqueeze(1), ids.unsqueeze(0)] = float("-inf")
+        return out
 
     def _sample(self, seq_rows: list[Sequence], logits: Tensor) -> None:
         chosen = self._choose(seq_rows, logits)
@@ -354,13 +388,15 @@ class Engine:
             if seq.first_token_at is None:
                 seq.first_token_at = now
             try:
-                self._advance(seq, tok, *lps.get(i, (None, None)))
+                self._advance(seq, tok, *lps.get(i, (None, None)), now=now)
             except Exception as e:  # e.g. its text cannot be decoded: fail this sequence, not the batch
                 self._fail_row(seq, e)
 
-    def _advance(self, seq: Sequence, tok: int, lp: float | None, top: list[tuple[int, float]] | None) -> None:
+    def _advance(self, seq: Sequence, tok: int, lp: float | None, top: list[tuple[int, float]] | None, *,
+                 now: float) -> None:
         """Append one chosen token to a sequence and send what it adds."""
         seq._next = tok
+        seq.n_decoded += 1
         event = Event()
         if accept_token(seq.request, tok, lp):
             self.stats.generated_tokens += 1
@@ -372,6 +408,8 @@ class Engine:
             event.text = seq.text.push(tok)
             if seq.text.stopped:
                 seq.request.finish("stop")
+            if seq.has_limits:
+                event.text = seq.deliver(event.text, now)
         if event.text or event.tokens:
             self._send(seq, event)
 
@@ -394,17 +432,19 @@ class Engine:
                 r += 1
                 continue
             last = len(self._rows) - 1
+            # A cache_prompt sequence leaves its tokens in its row (now free) for the next request to reuse.
+            keep = seq.cache_prompt and not seq.failed
             if r != last:
-                n = int(self._lens[last])
-                cache = self._cache
-                cache.k[:, r, :, :n] = cache.k[:, last, :, :n]
-                cache.v[:, r, :, :n] = cache.v[:, last, :, :n]
-                self._lens[r] = self._lens[last]
-                self._pads[r] = self._pads[last]
+                exchange_rows(self._cache, self._lens, self._pads, self._table, r, last, keep_a=keep)
                 self._rows[r] = self._rows[last]
                 self._rows[r]._row = r
             self._rows.pop()
             seq._row = None
+            kept = None
+            if keep:  # the tokens whose keys/values the row holds (the last sampled one was never fed back)
+                kept = (seq.job.prompt + seq.request.tokens)[:int(self._lens[last]) - int(self._pads[last])]
+            self._table.tokens[last] = kept
+            self._table.touch(last)
             if seq.failed:
                 continue  # its error event is out already
             try:
@@ -419,12 +459,16 @@ class Engine:
             kind = "cancelled"
         else:
             r = seq.request
-            kind = "word" if seq.text.stopped else ("eos" if r.finish_reason == "stop" else "length")
-        tail = seq.text.flush() if kind != "cancelled" else ""
+            kind = seq.stop_kind or ("word" if seq.text.stopped else ("eos" if r.finish_reason == "stop"
+                                                                       else "length"))
         seq.finished_at = time.perf_counter()
+        tail = seq.text.flush() if kind != "cancelled" else ""
+        if seq.has_limits:
+            tail = seq.deliver(tail, seq.finished_at, final=True)
         self.stats.finished += 1
         self._send(seq, Event(text=tail, done=True, completion=_completion(seq.job, seq.request, seq.text, seq.echo),
-                              stop_kind=kind))
+                              stop_kind=kind, tokens_cached=seq.tokens_cached, timings=timings(seq),
+                              id_slot=seq.id_slot))
 
     def _fail_row(self, seq: Sequence, error: Exception) -> None:
         """One sequence's own step raised: it gets an error event; its row is freed by ``_drop_finished``
