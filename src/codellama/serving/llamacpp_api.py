@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from ..errors import CodeLlamaError
 from ..formats import banned_ids
 from ..generation import _context, _Job
+from ..sampling import SAMPLERS as ENGINE_SAMPLERS
 from .core import Serving, hand_made_fim, penalty_options, sse, stream_response
 from .errors import APIError
 from .metrics import CONTENT_TYPE
@@ -70,6 +71,8 @@ def llamacpp_router(serving: Serving) -> APIRouter:
                                   presence_penalty=b.presence_penalty if uses("penalties") else 0.0,
                                   frequency_penalty=b.frequency_penalty if uses("penalties") else 0.0,
                                   penalty_last_n=b.last_n, min_p=b.min_p if uses("min_p") else None)
+        if on is not None:  # and in the client's order (llama.cpp-only samplers are accepted no-ops)
+            options["samplers"] = tuple(n for n in b.samplers if n in ENGINE_SAMPLERS)
         if b.id_slot != -1 and b.id_slot >= engine.max_batch_size:
             raise bad("id_slot", f"id_slot must be -1 (any) or in [0, {engine.max_batch_size}), got {b.id_slot}")
         options.update(cache_prompt=b.cache_prompt, slot=None if b.id_slot == -1 else b.id_slot,
