@@ -8,6 +8,7 @@ KV cache for a shared prefix, and a hand-written ``<PRE> … <MID>`` prompt may 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -94,6 +95,9 @@ def test_cache_prompt_reuses_the_shared_prefix(url):
     assert again["tokens_cached"] > 0
     assert again["timings/prompt_n"] < first["timings/prompt_n"]
     assert again["timings/prompt_n"] + again["tokens_cached"] >= first["timings/prompt_n"]
+    metrics = httpx.get(url + "/metrics", timeout=60).text
+    cached = float(re.search(r"^codellama_engine_prompt_tokens_cached_total (\S+)$", metrics, re.M)[1])
+    assert cached >= again["tokens_cached"]
 
 
 def test_cache_prompt_false_evaluates_the_whole_prompt(url):

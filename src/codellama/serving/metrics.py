@@ -30,6 +30,10 @@ class _EngineCollector:
         for name, help_, v in [("engine_steps", "Batched decode steps.", s.steps),
                                ("engine_prefills", "Prompts prefilled.", s.prefills),
                                ("engine_generated_tokens", "Tokens generated (all sequences).", s.generated_tokens),
+                               ("engine_prompt_tokens", "Prompt tokens evaluated (cached ones excluded).",
+                                s.prompt_tokens),
+                               ("engine_prompt_tokens_cached", "Prompt tokens reused from a slot's cache.",
+                                s.prompt_tokens_cached),
                                ("engine_cancelled", "Sequences cancelled (client gone).", s.cancelled),
                                ("engine_errors", "Engine failures (a failed step, or one sequence's own).", s.errors),
                                ("engine_batch_rows", "Sum over decode steps of rows in the batch.", s.batch_rows_sum)]:
