@@ -69,7 +69,7 @@ def mbpp_file(tmp_path_factory) -> Path:
 def infilling_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("hei")
     rows = [{"task_id": f"SingleLineInfilling/HumanEval/{i}/L0", "entry_point": "f",
-             "prompt": "def f(x):\n", "suffix": f"    return y\n", "canonical_solution": f"    y = x + {i}\n",
+             "prompt": "def f(x):\n", "suffix": "    return y\n", "canonical_solution": f"    y = x + {i}\n",
              "test": f"\n\ndef check(candidate):\n    assert candidate(1) == {1 + i}\n"} for i in range(3)]
     with gzip.open(d / "HumanEval-SingleLineInfilling.jsonl.gz", "wt") as f:
         for r in rows:

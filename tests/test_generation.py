@@ -199,7 +199,6 @@ def test_incomplete_bytes_at_the_end_still_match_decode(tiny_tok):
 def test_stop_strings_trim_and_are_never_streamed(tiny_config, tiny_tok):
     target = "a = 1\nb = 2\n\nprint(a)"
     script = tiny_tok.encode_infilling(target)
-    pids = tiny_tok.encode("x", bos=True)
     llama = _scripted(tiny_config, tiny_tok, script)
     res = llama.complete("x", max_new_tokens=40, stop=["\n\n", "zzz"])
     assert res.text == "a = 1\nb = 2" and res.finish_reason == "stop"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from ..errors import CodeLlamaError
-from .execution import ExecResult, Executor, Limits, summarize_statuses
+from .execution import Executor, Limits, summarize_statuses
 from .metrics import edit_similarity, exact_match, mean_pass_at_k
 
 if TYPE_CHECKING:
