@@ -334,3 +334,31 @@ def test_serve_flags_reach_uvicorn_and_bad_values_are_one_line_errors(llama, tin
     assert (ServerConfig().body_timeout_s, ServerConfig().max_connections) == (30.0, 512)  # the defaults
     with pytest.raises(CodeLlamaError):
         ServerConfig(body_timeout_s=-1)
+
+
+def test_tokenizing_a_huge_prompt_does_not_stall_other_requests(llama):
+    """Tokenizing a 4 MiB body takes most of a second; it runs off the event loop (sentencepiece releases the
+    GIL), so another client's requests are answered meanwhile instead of waiting for it."""
+    text = "def f(x):\n    return [x * i for i in range(10)]  # a comment\n" * 60_000  # ~3.7 MiB
+    body = json.dumps({"content": text}).encode()
+    with running_server(create_app(llama, engine=Engine(llama, max_batch_size=1, threads=1))) as url:
+        latencies: list[float] = []
+
+        def poll(until: float) -> None:
+            while time.perf_counter() < until:
+                t = time.perf_counter()
+                httpx.get(url + "/health", timeout=30)
+                latencies.append(time.perf_counter() - t)
+                time.sleep(0.01)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            start = time.perf_counter()
+            tokenized = _post_raw(url, "/tokenize", body)
+            took = time.perf_counter() - start
+            # Poll during a second tokenize of the same size, now that we know how long one takes.
+            poller = pool.submit(poll, time.perf_counter() + took)
+            again = _post_raw(url, "/tokenize", body)
+            poller.result()
+    assert tokenized.status_code == again.status_code == 200 and len(tokenized.json()["tokens"]) > 100_000
+    assert took > 0.3  # long enough that a blocked loop would show
+    assert latencies and max(latencies) < took / 2, (took, max(latencies))

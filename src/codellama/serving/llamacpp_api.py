@@ -33,7 +33,7 @@ from ..errors import CodeLlamaError
 from ..formats import banned_ids
 from ..generation import _context, _Job
 from ..sampling import SAMPLERS as ENGINE_SAMPLERS
-from .core import Serving, hand_made_fim, penalty_options, sse, stream_response
+from .core import Serving, hand_made_fim, off_loop, penalty_options, sse, stream_response
 from .errors import APIError
 from .metrics import CONTENT_TYPE
 from .models import CompletionBody, DetokenizeBody, InfillBody, LlamaCppSampling, Timings, TokenizeBody, parse
@@ -144,7 +144,7 @@ def llamacpp_router(serving: Serving) -> APIRouter:
     async def completion(request: Request):
         started = time.perf_counter()
         b = parse(CompletionBody, await serving.body(request))
-        job = hand_made_fim(completion_job(serving, b.prompt), tok)
+        job = hand_made_fim(await off_loop(completion_job, serving, b.prompt), tok)
         return await answer(request, job, b, started, False, b.prompt if isinstance(b.prompt, str) else "", "prompt")
 
     # ---- POST /infill ----------------------------------------------------------------------------------
@@ -163,7 +163,8 @@ def llamacpp_router(serving: Serving) -> APIRouter:
         wanted = serving.cap if b.n_predict == -1 else b.n_predict
         budget = engine.context - max(1, min(wanted, engine.context // 4)) - len(typed)
         try:
-            job, truncated = truncated_infill_job(serving.llama, context + b.input_prefix, b.input_suffix, budget)
+            job, truncated = await off_loop(truncated_infill_job, serving.llama, context + b.input_prefix,
+                                            b.input_suffix, budget)
         except CodeLlamaError as e:
             raise APIError(400, str(e), param="input_prefix") from None
         if typed:
@@ -175,10 +176,12 @@ def llamacpp_router(serving: Serving) -> APIRouter:
     @router.post("/tokenize")
     async def tokenize(request: Request):
         b = parse(TokenizeBody, await serving.body(request))
-        ids = tok.encode(b.content, bos=b.add_special)
+        ids = await off_loop(tok.encode, b.content, bos=b.add_special)
+        # A JSONResponse, not a dict: FastAPI would walk a returned dict with jsonable_encoder, which takes a
+        # second for the million ids of a 4 MiB body and blocks every other request meanwhile.
         if not b.with_pieces:
-            return {"tokens": ids}
-        return {"tokens": [{"id": i, "piece": piece_of(tok, i)} for i in ids]}
+            return JSONResponse({"tokens": ids})
+        return JSONResponse({"tokens": [{"id": i, "piece": piece_of(tok, i)} for i in ids]})
 
     @router.post("/detokenize")
     async def detokenize(request: Request):

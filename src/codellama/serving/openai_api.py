@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from ..errors import CodeLlamaError
 from ..formats import banned_ids
 from ..generation import _context, _Job
-from .core import Serving, hand_made_fim, penalty_options, sse, stream_response
+from .core import Serving, hand_made_fim, off_loop, penalty_options, sse, stream_response
 from .errors import APIError
 from .models import parse
 from .openai_models import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChatRequest, CompletionChoice,
@@ -104,8 +104,8 @@ def openai_router(serving: Serving) -> APIRouter:
         for p in prompts:
             try:
                 if isinstance(p, str):
-                    jobs.append(build_job(serving.llama, "infill" if suffix is not None else "complete", prompt=p,
-                                          suffix=suffix or "", echo=echo))
+                    jobs.append(await off_loop(build_job, serving.llama, "infill" if suffix is not None
+                                               else "complete", prompt=p, suffix=suffix or "", echo=echo))
                 else:
                     if suffix is not None:
                         raise APIError(400, "suffix needs a text prompt, not token ids", param="suffix")
@@ -179,7 +179,7 @@ def openai_router(serving: Serving) -> APIRouter:
             raise bad("top_logprobs", "top_logprobs needs logprobs: true")
         usage_chunk = req.include_usage
         try:
-            job = build_job(serving.llama, "chat", messages=req.chat_messages())
+            job = await off_loop(build_job, serving.llama, "chat", messages=req.chat_messages())
         except CodeLlamaError as e:
             raise APIError(400, str(e), param="messages") from None
         seqs, events = serving.submit([job], s, max_tokens=lengths([job], s, "messages"),
