@@ -332,6 +332,15 @@ def test_serve_flags_reach_uvicorn_and_bad_values_are_one_line_errors(llama, tin
     assert (config.body_timeout_s, config.max_connections) == (2.5, 7)
     assert _uvicorn_config(served[0], "warning", 1).limit_concurrency == 7
     assert (ServerConfig().body_timeout_s, ServerConfig().max_connections) == (30.0, 512)  # the defaults
+    engines = []
+    monkeypatch.setattr(app_module, "create_app", lambda llama, engine, config: engines.append(engine) or "app")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli, "default_threads", lambda: 3)
+    assert cli.main(["serve", "--model", str(checkpoint)]) == 0
+    assert engines[-1].threads == 3  # serve's default is the other commands' (half the CPUs, at most 4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cli.main(["serve", "--model", str(checkpoint)]) == 0
+    assert engines[-1].threads is None  # $OMP_NUM_THREADS: left to torch
     with pytest.raises(CodeLlamaError):
         ServerConfig(body_timeout_s=-1)
 
