@@ -153,6 +153,10 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            # Training through a frozen quantized layer (LoRA): the packed kernels have no backward, the
+            # dequantizing fallback is plain autograd, so gradients reach the layers before this one.
+            return self._fallback(x)
         packed = self._kernel_for(x.device) if _kernels_enabled else None
         if packed is None:
             return self._fallback(x)

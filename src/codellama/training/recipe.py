@@ -21,6 +21,9 @@ from .data import DataConfig
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred lines; a bigger file is a mistake, not a recipe
 MAX_BASE_DEPTH = 8
+# The linear layers of a block LoRA can adapt (model.py names; lora.py maps them to their modules). Spelled out
+# here rather than imported, so reading a recipe does not import torch.
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 @dataclass
@@ -59,6 +62,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0: no clipping
+    # ---- LoRA (training/lora.py): only low-rank adapters train; the export holds the merged weights
+    lora_rank: int = 0  # 0: off (full fine-tuning)
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     # ---- bookkeeping
     eval_interval: int = 100
     eval_batches: int = 20
@@ -103,8 +111,8 @@ MIN_VOCAB = 263
 
 _AT_LEAST_ONE = ("seq_len", "data_passes", "dim", "n_layers", "n_heads", "multiple_of", "batch_size",
                  "grad_accum", "max_steps", "eval_interval", "eval_batches", "ckpt_interval", "log_interval")
-_AT_LEAST_ZERO = ("doc_chars", "n_kv_heads", "warmup_steps", "num_threads")
-_POSITIVE = ("lr", "norm_eps", "rope_theta")
+_AT_LEAST_ZERO = ("doc_chars", "n_kv_heads", "warmup_steps", "num_threads", "lora_rank")
+_POSITIVE = ("lr", "norm_eps", "rope_theta", "lora_alpha")
 _NON_NEGATIVE = ("min_lr", "ffn_dim_multiplier", "weight_decay", "grad_clip")
 _UNIT_INTERVAL = ("fim_rate", "fim_spm_rate")  # [0, 1]
 _BETAS = ("beta1", "beta2")  # [0, 1): beta = 1 never forgets, Adam's moments then stop tracking the gradient
@@ -186,6 +194,11 @@ def validate(config: TrainConfig) -> None:
         raise _bad("dim", f"a multiple of 2 * n_heads ({2 * c.n_heads}: rotary embeddings turn pairs)", c.dim)
     if c.n_kv_heads and c.n_heads % c.n_kv_heads:
         raise _bad("n_kv_heads", f"0 or a divisor of n_heads ({c.n_heads})", c.n_kv_heads)
+    if not 0 <= c.lora_dropout < 1:
+        raise _bad("lora_dropout", "in [0, 1)", c.lora_dropout)
+    unknown = [t for t in c.lora_targets if t not in LORA_TARGETS]
+    if unknown or len(set(c.lora_targets)) != len(c.lora_targets):
+        raise _bad("lora_targets", f"distinct names among {', '.join(LORA_TARGETS)}", c.lora_targets)
     if c.precision not in ("auto", "fp32", "bf16"):
         raise _bad("precision", "auto, fp32 or bf16", c.precision)
     if not _DEVICE.fullmatch(c.device):

@@ -126,8 +126,17 @@ def model_from_run(run_dir: str | Path, **overrides: Any) -> Transformer:
 def _model_from_checkpoint(ckpt: dict[str, Any], where: Path, **overrides: Any) -> Transformer:
     try:
         model = Transformer(ModelConfig(**{**ckpt["model_config"], **overrides}))
-        model.load_state_dict(ckpt["model"])
-    except (CodeLlamaError, TypeError, ValueError, RuntimeError) as e:
+        state = ckpt["model"]
+        if any(k.endswith(".lora_A") for k in state):
+            # A LoRA run checkpoints base + adapters; whoever reads it as a model gets the merged weights.
+            from .lora import apply_lora, merge_lora
+            saved = ckpt["train_config"]
+            apply_lora(model, saved["lora_targets"], saved["lora_rank"], saved["lora_alpha"], saved["lora_dropout"])
+            model.load_state_dict(state)
+            merge_lora(model)
+        else:
+            model.load_state_dict(state)
+    except (CodeLlamaError, AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CodeLlamaError(f"{where}: the checkpoint's model does not load ({_one_line(e)})") from None
     return model
 
@@ -275,7 +284,13 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
 
     log_path = out / "log.jsonl"
     model = _initial_model(config, tokenizer.n_words, tok_path, init_source).to(device)
-    optimizer = make_optimizer(model, config)
+    if config.lora_rank:
+        from .lora import apply_lora, trainable_report_line
+        torch.manual_seed(config.seed)  # the adapters' random A: the same for the same recipe
+        apply_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha, config.lora_dropout)
+        log(f"LoRA rank {config.lora_rank} on {', '.join(config.lora_targets)}: {trainable_report_line(model)}")
+    optimizer = make_optimizer(model, config)  # over the trainable parameters only (frozen ones are skipped)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     step, position, best_val = 0, 0, math.inf
     if resumed is not None:
         ckpt, ckpt_path = resumed
@@ -354,6 +369,7 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
         if bar is not None:
             bar.close()
     summary = {"name": config.name, "step": step, "max_steps": config.max_steps, "params": n_params,
+               "trainable_params": n_trainable,
                "tokens_seen": step * config.tokens_per_step, "train_tokens": len(train_tokens),
                "final_train_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
                "best_val_loss": best_val if best_val < math.inf else None,
@@ -363,6 +379,9 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
     if step >= config.max_steps:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         model.eval()
+        if config.lora_rank:  # the export is an ordinary checkpoint: adapters folded into the base weights
+            from .lora import merge_lora
+            merge_lora(model)
         export(model.cpu(), out / "final", tok_path)
         summary["export"] = str(out / "final")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
