@@ -71,6 +71,26 @@ def tiny_config() -> ModelConfig:
                        ffn_dim_multiplier=1.3, rope_theta=1_000_000.0, max_seq_len=256)
 
 
+def peaked_model(max_seq_len: int = 128) -> Transformer:
+    """The serving tests' model: ``tiny_config``'s shape with larger weights (std 0.3), so next-token
+    distributions are peaked and varied: no near-ties for greedy decoding to flip on between batch layouts."""
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                         ffn_dim_multiplier=1.3, rope_theta=1_000_000.0, max_seq_len=max_seq_len)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.init_weights(std=0.3)
+    return model.eval()
+
+
+def cmdline_has(pid: str, marker: str) -> bool:
+    """Whether process ``pid`` (a /proc entry name) was started with ``marker`` in its command line."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return marker.encode() in f.read()
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def tiny_model(tiny_config) -> Transformer:
     torch.manual_seed(0)

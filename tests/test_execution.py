@@ -12,6 +12,7 @@ import pytest
 
 from codellama.errors import CodeLlamaError
 from codellama.evaluation.execution import Executor, Limits, _processes_of, network_isolation_available
+from conftest import cmdline_has
 
 ROOT = os.geteuid() == 0
 FAILS = "\nassert False, 'the tests fail'\n"
@@ -287,21 +288,13 @@ def test_a_detached_grandchild_is_killed(unguarded):
     result = ex.run(prog)
     assert result.status == "passed", result
     time.sleep(0.05)
-    survivors = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_has(p, marker)]
+    survivors = [p for p in os.listdir("/proc") if p.isdigit() and cmdline_has(p, marker)]
     assert survivors == []
     if ex.isolation == "uid":
         assert _processes_of(ex.uids[0]) == []
     if ex._servers[0].info.get("seccomp"):
         assert ex.run("import os\nos.execv('/bin/true', ['true'])\n").message == \
             "PermissionError: [Errno 1] Operation not permitted"
-
-
-def _cmdline_has(pid: str, marker: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return marker.encode() in f.read()
-    except OSError:
-        return False
 
 
 def test_a_forged_verdict_on_the_servers_stdout_shifts_nothing(each_mode):

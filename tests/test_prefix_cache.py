@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import codellama
 from codellama.api import CodeLlama
-from codellama.config import ModelConfig
 from codellama.errors import CodeLlamaError
-from codellama.model import Transformer
 from codellama.serving.prefix_cache import common_prefix
 from codellama.serving.scheduler import Engine, QueueSink, build_job, make_sequences
 from codellama.tokenizer import Tokenizer
+from conftest import peaked_model
 
 LONG = "def handler(request, response):\n    data = request.json()\n    for key, value in data.items():\n"
 OTHER = "import os\nimport sys\n\nclass Config:\n    name = 'x'\n    size = 3\n"
@@ -23,12 +21,7 @@ TIMING_KEYS = {"prompt_n", "prompt_ms", "prompt_per_token_ms", "prompt_per_secon
 
 @pytest.fixture(scope="module")
 def llama(tiny_tokenizer_path) -> CodeLlama:
-    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
-                         ffn_dim_multiplier=1.3, rope_theta=1_000_000.0, max_seq_len=256)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.init_weights(std=0.3)  # peaked distributions: no near-ties for greedy to flip on
-    return CodeLlama(model, Tokenizer(tiny_tokenizer_path), name="tiny")
+    return CodeLlama(peaked_model(256), Tokenizer(tiny_tokenizer_path), name="tiny")
 
 
 @pytest.fixture(scope="module")

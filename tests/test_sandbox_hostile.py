@@ -17,6 +17,7 @@ import pytest
 
 from codellama.evaluation import execution
 from codellama.evaluation.execution import Executor, Limits
+from conftest import cmdline_has
 
 LIMITS = Limits(timeout=3.0, memory_mb=512, max_processes=8, file_size_mb=2)
 ROOT = os.geteuid() == 0
@@ -383,17 +384,6 @@ def test_guard_uses_only_its_own_closure():
     assert guard.__closure__ and "LOAD_DEREF" in loads
 
 
-
-
-
-def _cmdline_has(pid: str, marker: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return marker.encode() in f.read()
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not ROOT, reason="not root: the module's executor fixture runs 'rlimits' already")
 def test_rlimits_code_path_still_works(monkeypatch):
     """The refused-as-root mode is what unprivileged users get: exercise its verdicts and its clean-up (found by
@@ -410,6 +400,6 @@ def test_rlimits_code_path_still_works(monkeypatch):
         assert [r.status for r in results] == ["passed", "error", "failed", "error"], results
         assert ex._servers[0].info["mounts"] is False
         time.sleep(0.05)
-        assert [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_has(p, marker)] == []
+        assert [p for p in os.listdir("/proc") if p.isdigit() and cmdline_has(p, marker)] == []
     finally:
         ex.close()

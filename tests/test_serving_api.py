@@ -29,29 +29,21 @@ from codellama.model import Transformer  # noqa: E402
 from codellama.serving.app import ServerConfig, create_app, running_server  # noqa: E402
 from codellama.serving.scheduler import Engine  # noqa: E402
 from codellama.tokenizer import Tokenizer  # noqa: E402
+from conftest import peaked_model  # noqa: E402
 
 CONTEXT = 128
 PROMPTS = ["def foo(x):", "import os\n", "class A:\n    def", "x = [1, 2,", "for i in range(",
            "# hello world", "while True:\n    ", "print("]
 
 
-def _model() -> Transformer:
-    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
-                         ffn_dim_multiplier=1.3, rope_theta=1_000_000.0, max_seq_len=CONTEXT)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.init_weights(std=0.3)  # peaked distributions: no near-ties for greedy to flip on
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tiny_tokenizer_path, tmp_path_factory):
-    return save_checkpoint(_model(), tmp_path_factory.mktemp("serve") / "tiny", tokenizer=tiny_tokenizer_path)
+    return save_checkpoint(peaked_model(CONTEXT), tmp_path_factory.mktemp("serve") / "tiny", tokenizer=tiny_tokenizer_path)
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_tokenizer_path) -> CodeLlama:
-    return CodeLlama(_model(), Tokenizer(tiny_tokenizer_path), name="tiny")
+    return CodeLlama(peaked_model(CONTEXT), Tokenizer(tiny_tokenizer_path), name="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +283,7 @@ def test_unknown_routes_methods_and_chunked_oversized_bodies(server):
 
 
 def test_model_without_fim_refuses_suffix(tiny_nofim_tokenizer_path):
-    llama = CodeLlama(_model(), Tokenizer(tiny_nofim_tokenizer_path), name="nofim")
+    llama = CodeLlama(peaked_model(CONTEXT), Tokenizer(tiny_nofim_tokenizer_path), name="nofim")
     with running_server(create_app(llama, max_batch_size=1, threads=1)) as url:
         r = httpx.post(url + "/v1/completions", json={"prompt": "a", "suffix": "b"})
         assert r.status_code == 400 and "cannot infill" in r.json()["error"]["message"]
@@ -450,7 +442,7 @@ def test_real_vocabulary_infilling_and_chat_equal_the_library(real_tokenizer_pat
 
 def test_step_chat_format_equals_the_library(tiny_step_tokenizer_path):
     # A tokenizer with <step> means the 70B-Instruct format; the reply stops at <step>.
-    llama = CodeLlama(_model(), Tokenizer(tiny_step_tokenizer_path), name="step")
+    llama = CodeLlama(peaked_model(CONTEXT), Tokenizer(tiny_step_tokenizer_path), name="step")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse a string."}]
     want = llama.chat(messages, max_new_tokens=16)
     with running_server(create_app(llama, max_batch_size=1, threads=1)) as url:

@@ -6,14 +6,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 from codellama.api import CodeLlama
-from codellama.config import ModelConfig
 from codellama.errors import CodeLlamaError
-from codellama.model import Transformer
 from codellama.serving.scheduler import Engine, QueueFull, QueueSink, build_job, make_sequences
 from codellama.tokenizer import Tokenizer
+from conftest import peaked_model
 
 PROMPTS = ["def foo(x):", "import os\n", "class A:\n    def", "x = [1, 2,", "for i in range(",
            "# hello world", "while True:\n    ", "print("]
@@ -21,12 +19,7 @@ PROMPTS = ["def foo(x):", "import os\n", "class A:\n    def", "x = [1, 2,", "for
 
 @pytest.fixture(scope="module")
 def llama(tiny_tokenizer_path) -> CodeLlama:
-    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
-                         ffn_dim_multiplier=1.3, rope_theta=1_000_000.0, max_seq_len=128)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.init_weights(std=0.3)  # peaked distributions: no near-ties for greedy to flip on
-    return CodeLlama(model, Tokenizer(tiny_tokenizer_path), name="tiny")
+    return CodeLlama(peaked_model(128), Tokenizer(tiny_tokenizer_path), name="tiny")
 
 
 

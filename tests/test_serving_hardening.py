@@ -12,7 +12,6 @@ import socket
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -21,9 +20,7 @@ httpx = pytest.importorskip("httpx")
 from codellama import cli  # noqa: E402
 from codellama.api import CodeLlama  # noqa: E402
 from codellama.checkpoint import save_checkpoint  # noqa: E402
-from codellama.config import ModelConfig  # noqa: E402
 from codellama.errors import CodeLlamaError  # noqa: E402
-from codellama.model import Transformer  # noqa: E402
 from codellama.serving import app as app_module  # noqa: E402
 from codellama.serving import core as core_module  # noqa: E402
 from codellama.serving import openai_api as openai_module  # noqa: E402
@@ -31,23 +28,15 @@ from codellama.serving.app import ServerConfig, create_app, running_server  # no
 from codellama.serving.scheduler import Engine  # noqa: E402
 from codellama.serving.server import _uvicorn_config  # noqa: E402
 from codellama.tokenizer import Tokenizer  # noqa: E402
+from conftest import peaked_model  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
 
 
-def _model() -> Transformer:
-    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
-                         ffn_dim_multiplier=1.3, rope_theta=1_000_000.0, max_seq_len=128)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.init_weights(std=0.3)  # peaked distributions: no near-ties for greedy to flip on
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def llama(tiny_tokenizer_path) -> CodeLlama:
-    return CodeLlama(_model(), Tokenizer(tiny_tokenizer_path), name="tiny")
+    return CodeLlama(peaked_model(128), Tokenizer(tiny_tokenizer_path), name="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +312,7 @@ def test_serve_flags_reach_uvicorn_and_bad_values_are_one_line_errors(llama, tin
                            (["--max-connections", "0"], "error: --max-connections must be >= 1, got 0")]:
         assert cli.main(["serve", *flags]) == 2
         assert capsys.readouterr().err == message + "\n"
-    checkpoint = save_checkpoint(_model(), tmp_path / "tiny", tokenizer=tiny_tokenizer_path)
+    checkpoint = save_checkpoint(peaked_model(128), tmp_path / "tiny", tokenizer=tiny_tokenizer_path)
     served = []
     monkeypatch.setattr(app_module, "serve", lambda app, *args, **kwargs: served.append(app))
     assert cli.main(["serve", "--model", str(checkpoint), "--body-timeout", "2.5", "--max-connections", "7",

@@ -8,37 +8,26 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from codellama.api import CodeLlama  # noqa: E402
-from codellama.config import ModelConfig  # noqa: E402
-from codellama.model import Transformer  # noqa: E402
 from codellama.serving.app import ServerConfig, create_app, running_server  # noqa: E402
 from codellama.serving.llamacpp_api import select_fields  # noqa: E402
 from codellama.serving.scheduler import Engine  # noqa: E402
 from codellama.tokenizer import Tokenizer  # noqa: E402
+from conftest import peaked_model  # noqa: E402
 
 CONTEXT = 128
 TIMING_KEYS = {"prompt_n", "prompt_ms", "prompt_per_token_ms", "prompt_per_second", "predicted_n", "predicted_ms",
                "predicted_per_token_ms", "predicted_per_second"}
 
 
-def _model() -> Transformer:
-    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
-                         ffn_dim_multiplier=1.3, rope_theta=1_000_000.0, max_seq_len=CONTEXT)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.init_weights(std=0.3)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def llama(tiny_tokenizer_path) -> CodeLlama:
-    return CodeLlama(_model(), Tokenizer(tiny_tokenizer_path), name="tiny-ckpt")
+    return CodeLlama(peaked_model(CONTEXT), Tokenizer(tiny_tokenizer_path), name="tiny-ckpt")
 
 
 @pytest.fixture(scope="module")

@@ -90,11 +90,7 @@ class ModelConfig:
     @classmethod
     def from_params(cls, params: dict[str, Any] | str | Path, *, source: str = "params.json",
                     **overrides: Any) -> "ModelConfig":
-        if not isinstance(params, Mapping):
-            if not isinstance(params, (str, Path)):
-                raise CodeLlamaError(f"params must be a mapping or a path, got {type(params).__name__}")
-            source = str(params)
-            params = read_json_object(params)
+        params, source = _mapping_or_file(params, "params", source)
         kwargs = {k: v for k, v in params.items() if k in _PARAMS_KEYS}
         if kwargs.get("vocab_size", -1) in (-1, None):
             kwargs.pop("vocab_size", None)  # Llama 1/2 params.json say -1: the tokenizer decides
@@ -126,11 +122,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, config: dict[str, Any] | str | Path, *, source: str = "config.json",
                 **overrides: Any) -> "ModelConfig":
-        if not isinstance(config, Mapping):
-            if not isinstance(config, (str, Path)):
-                raise CodeLlamaError(f"config must be a mapping or a path, got {type(config).__name__}")
-            source = str(config)
-            config = read_json_object(config)
+        config, source = _mapping_or_file(config, "config", source)
 
         def fail(message: str) -> CodeLlamaError:
             return CodeLlamaError(f"{source}: {message}")
@@ -194,6 +186,16 @@ def _params_style_ffn(dim: int, hidden: int) -> dict[str, Any]:
         if derived_ffn_hidden(dim, multiple_of, multiplier) == hidden:
             return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier, "hidden_dim": None}
     return {"hidden_dim": hidden}
+
+
+def _mapping_or_file(value: Mapping[str, Any] | str | Path, what: str,
+                     source: str) -> tuple[Mapping[str, Any], str]:
+    """A config given as a mapping (named ``source`` in messages) or as a JSON file (named by its path)."""
+    if isinstance(value, Mapping):
+        return value, source
+    if not isinstance(value, (str, Path)):
+        raise CodeLlamaError(f"{what} must be a mapping or a path, got {type(value).__name__}")
+    return read_json_object(value), str(value)
 
 
 def _hf_rope_theta(config: Mapping[str, Any], fail) -> Any:
