@@ -89,9 +89,15 @@ class Request:
         if self.finish_reason is None:
             self.finish_reason = reason
 
-    def history(self) -> list[int]:
-        """Every token of the sequence so far, prompt first (what the repetition penalties look at)."""
-        return self.prompt + self.tokens
+    def penalty_window(self) -> list[int]:
+        """The tokens the repetition penalties look at: the last ``penalty_last_n`` of prompt + completion (all
+        of them for -1), taken without copying a long prompt at every step."""
+        n, prompt, tokens = self.sampling.penalty_last_n, self.prompt, self.tokens
+        if n < 0:
+            return prompt + tokens
+        if n <= len(tokens):
+            return tokens[len(tokens) - n:]
+        return prompt[max(0, len(prompt) - (n - len(tokens))):] + tokens
 
     def result(self) -> GenerationResult:
         return GenerationResult(tokens=list(self.tokens), finish_reason=self.finish_reason or "length",
@@ -204,9 +210,7 @@ def _adjusted_rows(rows: Tensor, requests: list[Request]) -> Tensor:
     for j, r in enumerate(requests):
         p = r.sampling
         if p.penalized:
-            history = r.history()  # prompt + generated tokens: the left padding lives only in the batch
-            n = p.penalty_last_n
-            out[j] = adjust_logits(rows[j], history[-n:] if n > 0 else history, p)
+            out[j] = adjust_logits(rows[j], r.penalty_window(), p)  # the left padding lives only in the batch
         elif p.banned_ids:
             banned_rows += [j] * len(p.banned_ids)
             banned_cols += p.banned_ids

@@ -136,8 +136,9 @@ def validate_penalties(*, repetition_penalty: float = 1.0, presence_penalty: flo
 def adjust_logits(logits: Tensor, history: Sequence[int] | Tensor, params: SamplingParams) -> Tensor:
     """One sequence's next-token logits [V] (float32) after its banned ids and repetition penalties.
 
-    ``history`` is every token of the sequence so far (prompt and completion); the penalties look at the last
-    ``penalty_last_n`` of them. Returns ``logits`` itself when there is nothing to do, else a new tensor."""
+    ``history`` is the sequence so far (prompt and completion), whole or already cut to its window
+    (``Request.penalty_window``); the penalties look at its last ``penalty_last_n`` tokens. Returns ``logits``
+    itself when there is nothing to do, else a new tensor."""
     if not params.adjusts_logits:
         return logits
     out = logits.float().clone()

@@ -350,21 +350,13 @@ class Engine(PrefillMixin):
             seq = seq_rows[i]
             if seq.cancelled or seq.request.finished:
                 continue
-            params, r = seq.request.sampling, seq.request
+            params = seq.request.sampling
             if not params.penalized:
                 # Most rows only ban the FIM sentinels: one batched fill per set of ids, not a copy per row.
                 banned_only.setdefault(params.banned_ids, []).append(i)
                 continue
-            n = params.penalty_last_n
-            # Only the window the penalties look at (prompt + completion): a long prompt is not copied per step.
-            if n < 0:
-                history = r.prompt + r.tokens
-            elif n <= len(r.tokens):
-                history = r.tokens[len(r.tokens) - n:]
-            else:
-                history = r.prompt[max(0, len(r.prompt) - (n - len(r.tokens))):] + r.tokens
             try:
-                out[i] = adjust_logits(logits[i], history, params)
+                out[i] = adjust_logits(logits[i], seq.request.penalty_window(), params)
             except Exception as e:
                 self._fail_row(seq, e)
         for banned, idx in banned_only.items():
