@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .config_validation import read_json_object, shown, shown_name
-from .errors import CodeLlamaError
+from .errors import CodeLlamaError, error_line
 from .safetensors_io import FLOAT_DTYPES, TensorInfo, read_safetensors_header
 
 NATIVE_WEIGHTS = "model.safetensors"
@@ -122,18 +122,13 @@ def torch_load(path: Path) -> dict[str, Tensor]:
             raise CodeLlamaError(f"refusing to load {path}: it holds more than tensors ({reason})") from None
         raise CodeLlamaError(f"cannot read {path}: not a PyTorch weights file ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError, MemoryError) as e:
-        raise CodeLlamaError(f"cannot read {path}: {_first_line(e)}") from None
+        raise CodeLlamaError(f"cannot read {path}: {error_line(e, 160)}") from None
     wrapped = isinstance(sd, dict) and isinstance(sd.get("model"), dict)
     if wrapped and not any(isinstance(v, Tensor) for v in sd.values()):
         sd = sd["model"]  # training checkpoints that wrap the weights
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
         raise CodeLlamaError(f"{path} does not hold a dictionary of tensors")
     return sd
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return shown_name(text.splitlines()[0], 160) if text else type(e).__name__
 
 
 def file_index(path: Path) -> dict[str, TensorInfo]:
@@ -153,7 +148,7 @@ def read_tensors(path: Path, names: Iterable[str]) -> dict[str, Tensor]:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return {k: f.get_tensor(k) for k in names}
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CodeLlamaError(f"cannot read {path}: {_first_line(e)}") from None
+            raise CodeLlamaError(f"cannot read {path}: {error_line(e, 160)}") from None
     sd = torch_load(path)
     return {k: sd[k] for k in names}
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..checkpoint_files import unpickling_refusal
-from ..errors import CodeLlamaError
+from ..errors import CodeLlamaError, error_line
 
 LATEST = "ckpt.pt"
 PREVIOUS = "ckpt.prev.pt"
@@ -125,14 +125,9 @@ def read_checkpoint_file(path: Path) -> dict[str, Any]:
         raise DamagedCheckpoint(f"{path} is not a readable checkpoint ({reason})") from None
     except Exception as e:  # zip, EOF, OS errors from a truncated or corrupted file: weights_only ran no code
         raise DamagedCheckpoint(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                                f"{_first_line(e)})") from None
+                                f"{error_line(e, 160)})") from None
     _check_structure(path, ckpt)
     return ckpt
-
-
-def _first_line(error: BaseException) -> str:
-    text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _check_structure(path: Path, ckpt: Any) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..errors import CodeLlamaError
+from ..errors import CodeLlamaError, error_line
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .checkpointing import (LATEST, PREVIOUS, clear_run_checkpoints, load_run_checkpoint,
@@ -137,13 +137,8 @@ def _model_from_checkpoint(ckpt: dict[str, Any], where: Path, **overrides: Any) 
         else:
             model.load_state_dict(state)
     except (CodeLlamaError, AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CodeLlamaError(f"{where}: the checkpoint's model does not load ({_one_line(e)})") from None
+        raise CodeLlamaError(f"{where}: the checkpoint's model does not load ({error_line(e)})") from None
     return model
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _init_source(config: TrainConfig, log: Callable[[str], None]) -> dict[str, Any] | Path | None:
@@ -191,7 +186,7 @@ def _check_resumable(ckpt: dict[str, Any], path: Path, config: TrainConfig) -> N
     try:
         saved = TrainConfig(**ckpt["train_config"])
     except (CodeLlamaError, TypeError) as e:
-        raise CodeLlamaError(f"{path}: its recipe is not one this version reads ({_one_line(e)})") from None
+        raise CodeLlamaError(f"{path}: its recipe is not one this version reads ({error_line(e)})") from None
     changed = [f.name for f in fields(TrainConfig) if f.name not in ("progress", "device", "num_threads")
                and getattr(saved, f.name) != getattr(config, f.name)]
     if changed:
@@ -216,7 +211,7 @@ def _restore(ckpt: dict[str, Any], path: Path, model: Transformer, optimizer: to
                                          f"shape {tuple(param.shape)}")
         set_rng_state(ckpt["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
-        raise CodeLlamaError(f"{path} does not fit this run ({_one_line(e)}); delete it to start the run "
+        raise CodeLlamaError(f"{path} does not fit this run ({error_line(e)}); delete it to start the run "
                              "again") from None
 
 
