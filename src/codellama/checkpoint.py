@@ -21,7 +21,7 @@ import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -237,24 +237,39 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, dt
     if _is_quantized_dir(path):  # written by ``codellama quantize``: stays int8/int4
         from .quantize import load_quantized
         return load_quantized(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    plan = _checked_plan(path, max_seq_len)
+    from .api import resolve_device, resolve_dtype  # api imports this module lazily: no cycle
+
+    device = torch.device("cpu") if device is None else resolve_device(device)
+    dtype = _stored_dtype(plan) if dtype is None else resolve_dtype(dtype, device)
+    state = dict(_stream(plan, device, dtype))
+    with torch.device("meta"):
+        model = Transformer(plan.config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _checked_plan(path: str | Path, max_seq_len: int | None = None) -> _Plan:
     root = checkpoint_dir(path)
     plan = _plan(root, detect_format(root))
     if max_seq_len is not None:
         plan.config = replace(plan.config, max_seq_len=max_seq_len)  # validated like the file's own value
     _check_plan(plan, root)
-    from .api import resolve_device, resolve_dtype  # api imports this module lazily: no cycle
+    return plan
 
-    device = torch.device("cpu") if device is None else resolve_device(device)
-    if dtype is not None:
-        dtype = resolve_dtype(dtype, device)
-    else:
-        first = plan.parts["tok_embeddings.weight"][0]
-        dtype = getattr(torch, plan.infos[(first.file, first.name)].dtype)
 
-    # Layer by layer: open the files, take that layer's tensors, merge shards / undo the HF permutation,
-    # cast and move, then close the files, so at most one layer is held twice. Tensors used as stored (one
-    # part, same dtype, CPU) stay views of their memory map, and are read in a separate opening from the ones
-    # that get copied: a map stays alive as long as one view does, and with it every page read through it.
+def _stored_dtype(plan: _Plan) -> torch.dtype:
+    first = plan.parts["tok_embeddings.weight"][0]
+    return getattr(torch, plan.infos[(first.file, first.name)].dtype)
+
+
+def _stream(plan: _Plan, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+    """Our tensors, named as in ``Transformer``, cast to ``dtype`` on ``device``, layer by layer.
+
+    Open the files, take one layer's tensors, merge shards / undo the HF permutation, cast and move, then close
+    the files, so at most one layer is held twice. Tensors used as stored (one part, same dtype, CPU) stay views
+    of their memory map, and are read in a separate opening from the ones that get copied: a map stays alive as
+    long as one view does, and with it every page read through it."""
     def used_as_stored(name: str) -> bool:
         parts = plan.parts[name]
         return (len(parts) == 1 and device.type == "cpu"
@@ -264,7 +279,6 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, dt
     groups: dict[tuple[int, bool], list[str]] = {}
     for name in plan.parts:
         groups.setdefault((_layer_of(name), used_as_stored(name)), []).append(name)
-    state: dict[str, Tensor] = {}
     for names in groups.values():
         wanted: dict[Path, set[str]] = {}
         for name in names:
@@ -273,13 +287,17 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, dt
         loaded = {f: read_tensors(f, sorted(ns)) for f, ns in wanted.items()}
         for name in names:
             t = _assemble(name, [loaded[p.file][p.name] for p in plan.parts[name]], plan.config, plan.format)
-            state[name] = t.to(device=device, dtype=dtype)
+            yield name, t.to(device=device, dtype=dtype)
         del loaded
 
-    with torch.device("meta"):
-        model = Transformer(plan.config)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+
+def stream_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_len: int | None = None
+                      ) -> tuple[ModelConfig, Iterator[tuple[str, Tensor]]]:
+    """A Meta, native or HF checkpoint directory as its config and a stream of its tensors on the CPU (our
+    names, ``dtype``), one layer at a time, checked before the first tensor is read. What a sharded trainer
+    uses to materialise only its own slice of each tensor without ever holding the whole model."""
+    plan = _checked_plan(path, max_seq_len)
+    return plan.config, _stream(plan, torch.device("cpu"), dtype)
 
 
 def load_tokenizer(path: str | Path | None, tokenizer: str | Path | None = None) -> Tokenizer:
