@@ -30,7 +30,7 @@ import torch
 
 from ..errors import CodeLlamaError
 from ..tokenizer import Tokenizer
-from .corpus import CorpusConfig, Document, build_corpus, read_split, write_corpus
+from .corpus import CorpusConfig, CorpusStats, Document, build_corpus, read_split, write_corpus
 from .fim import FIMConfig, document_rng, transform
 from .tokenizer import train_tokenizer
 
@@ -114,9 +114,12 @@ def _data_key(config: DataConfig) -> str:
     return json.dumps(asdict(config), sort_keys=True)
 
 
-def prepare_data(config: DataConfig, data_dir: str | Path, log=print) -> dict:
+def prepare_data(config: DataConfig, data_dir: str | Path, log=print, *,
+                 corpus: tuple[dict[str, list[Document]], CorpusStats] | None = None) -> dict:
     """Corpus → tokenizer → ``train.bin`` / ``val.bin`` under ``data_dir``; reused when already prepared with the
-    same settings. Returns ``meta.json``'s content (counts, licence, unigram baseline)."""
+    same settings. Returns ``meta.json``'s content (counts, licence, unigram baseline). ``corpus`` is
+    ``build_corpus(config.corpus)`` when the caller has built it already (a mixture builds every source's corpus
+    before training their shared tokenizer)."""
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
     key = _data_key(config)
@@ -127,8 +130,10 @@ def prepare_data(config: DataConfig, data_dir: str | Path, log=print) -> dict:
         raise CodeLlamaError(f"{data_dir} holds data prepared with other settings; use another data_dir "
                              "or delete it")
     data_dir.mkdir(parents=True, exist_ok=True)
-    log(f"collecting corpus from {config.corpus.roots}")
-    splits, stats = build_corpus(config.corpus)
+    if corpus is None:
+        log(f"collecting corpus from {config.corpus.roots}")
+        corpus = build_corpus(config.corpus)
+    splits, stats = corpus
     corpus_dir = write_corpus(splits, stats, data_dir / "corpus")
     tok_path = data_dir / "tokenizer.model"
     if config.tokenizer:

@@ -17,6 +17,7 @@ from ..config import ModelConfig
 from ..errors import CodeLlamaError
 from .corpus import CorpusConfig
 from .data import DataConfig
+from .mixture import MIX_BLOCK
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred lines; a bigger file is a mistake, not a recipe
@@ -24,6 +25,11 @@ MAX_BASE_DEPTH = 8
 # The linear layers of a block LoRA can adapt (model.py names; lora.py maps them to their modules). Spelled out
 # here rather than imported, so reading a recipe does not import torch.
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+BASE_DTYPES = ("fp32", "bf16", "int8", "int4")
+# Data mixtures: a handful of sources (the paper's have 3 and 4); their names are directory names under data_dir.
+MAX_SOURCES = 16
+SOURCE_KEYS = ("name", "corpus", "weight", "extensions")
+_SOURCE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 
 
 @dataclass
@@ -41,6 +47,9 @@ class TrainConfig:
     doc_chars: int = 1200  # 0: whole files are documents
     data_passes: int = 1
     align_documents: bool = True  # windows start at document starts (see data.py); False: back to back
+    # A data mixture (mixture.py): [[sources]] tables of name, corpus, weight and optional extensions; empty: one
+    # source, ``corpus`` above (which a mixture ignores)
+    sources: list[dict] = field(default_factory=list)
     # ---- model (ignored when init_from is set, except rope_theta and seq_len)
     dim: int = 256
     n_layers: int = 6
@@ -67,6 +76,10 @@ class TrainConfig:
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # How the frozen base weights are held under LoRA: fp32, bf16, or our int8 / int4 (quantize.py), QLoRA-style
+    base_dtype: str = "fp32"
+    # ---- memory
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward pass
     # ---- bookkeeping
     eval_interval: int = 100
     eval_batches: int = 20
@@ -154,6 +167,9 @@ def _check_type(config: TrainConfig, kind: str, key: str) -> None:
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v and "\0" not in v
                                                                 for v in value):
             raise _bad(key, 'a non-empty list of non-empty strings (e.g. ["stdlib", "path/to/dir"])', value)
+    elif kind == "list[dict]":
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise _bad(key, "a list of tables ([[sources]] entries)", value)
     else:  # a new field with a new type: make whoever adds it decide how it is checked
         raise AssertionError(f"TrainConfig.{key}: no validation for type {kind}")
 
@@ -199,10 +215,60 @@ def validate(config: TrainConfig) -> None:
     unknown = [t for t in c.lora_targets if t not in LORA_TARGETS]
     if unknown or len(set(c.lora_targets)) != len(c.lora_targets):
         raise _bad("lora_targets", f"distinct names among {', '.join(LORA_TARGETS)}", c.lora_targets)
+    if c.base_dtype not in BASE_DTYPES:
+        raise _bad("base_dtype", ", ".join(BASE_DTYPES), c.base_dtype)
+    if c.base_dtype != "fp32" and not c.lora_rank:
+        raise _bad("base_dtype", "fp32 unless LoRA is on (lora_rank > 0): full fine-tuning trains float32 "
+                   "master weights", c.base_dtype)
+    _check_sources(c.sources)
     if c.precision not in ("auto", "fp32", "bf16"):
         raise _bad("precision", "auto, fp32 or bf16", c.precision)
     if not _DEVICE.fullmatch(c.device):
         raise _bad("device", "auto, cpu, cuda, cuda:N or mps", c.device)
+
+
+def _check_sources(sources: list[dict]) -> None:
+    """Each ``[[sources]]`` entry: a unique name (a directory under data_dir), corpus roots, a weight > 0 (the
+    weights are normalised to sum to 1) and optionally the file extensions to collect."""
+    if len(sources) > MAX_SOURCES:
+        raise _bad("sources", f"at most {MAX_SOURCES} entries", f"{len(sources)} entries")
+    names: set[str] = set()
+    for i, source in enumerate(sources):
+        at = f"sources[{i}]"
+        unknown = sorted(set(source) - set(SOURCE_KEYS))
+        if unknown:
+            raise _bad(f"{at}.{unknown[0]}", f"absent: a source has only the keys {', '.join(SOURCE_KEYS)}",
+                       source[unknown[0]])
+        for key in ("name", "corpus", "weight"):
+            if key not in source:
+                raise CodeLlamaError(f"recipe: {at}.{key} is missing (every source has a name, corpus and weight)")
+        name = source["name"]
+        if not isinstance(name, str) or not _SOURCE_NAME.fullmatch(name):
+            raise _bad(f"{at}.name", "1-64 characters of a-z, 0-9, _ and -", name)
+        if name in names:
+            raise _bad(f"{at}.name", "unique among the sources", name)
+        names.add(name)
+        corpus = source["corpus"]
+        if not isinstance(corpus, list) or not corpus or not all(isinstance(v, str) and v and "\0" not in v
+                                                                  for v in corpus):
+            raise _bad(f"{at}.corpus", 'a non-empty list of non-empty strings (e.g. ["stdlib", "path/to/dir"])',
+                       corpus)
+        weight = source["weight"]
+        if (not isinstance(weight, (int, float)) or isinstance(weight, bool)
+                or (isinstance(weight, int) and abs(weight) > 1e300) or not math.isfinite(weight) or weight <= 0):
+            raise _bad(f"{at}.weight", "a finite number > 0", weight)
+        extensions = source.get("extensions", [".py"])
+        if (not isinstance(extensions, list) or not extensions
+                or not all(isinstance(e, str) and re.fullmatch(r"(\.[A-Za-z0-9_+-]{1,16})?", e) for e in extensions)):
+            raise _bad(f"{at}.extensions", 'a non-empty list of file suffixes (e.g. [".py"]; "" for none)',
+                       extensions)
+    # A block of the mixed stream holds each source's share of its MIX_BLOCK positions (mixture.py): a share
+    # below one position a block would never be drawn.
+    total = math.fsum(float(s["weight"]) for s in sources)
+    for i, source in enumerate(sources):
+        if source["weight"] / total < 1 / MIX_BLOCK:
+            raise _bad(f"sources[{i}].weight", f"at least 1/{MIX_BLOCK} of the weights' sum ({total:g})",
+                       source["weight"])
 
 
 # ---- recipes -----------------------------------------------------------------------------------------------
