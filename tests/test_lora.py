@@ -186,12 +186,8 @@ def test_trainer_with_lora_trains_only_adapters_and_exports_merged(base):
     from pathlib import Path
 
     from codellama.training.checkpointing import load_run_checkpoint
-    from codellama.training.trainer import (
-        _initial_model,
-        model_from_run,
-        read_log,
-        train,
-    )
+    from codellama.training.init_model import initial_model
+    from codellama.training.trainer import model_from_run, read_log, train
 
     config = replace(base, out_dir=base.out_dir + "-lora", max_steps=6, eval_interval=6, ckpt_interval=6,
                      lora_rank=4, lora_alpha=8.0, lora_targets=["wq", "wv", "w2"])
@@ -201,7 +197,9 @@ def test_trainer_with_lora_trains_only_adapters_and_exports_merged(base):
     assert 0 < summary["trainable_params"] < summary["params"]
     assert len(read_log(config.out_dir)) == 6
     # The same initial base the trainer built (seeded by the recipe), against the checkpoint's tensors.
-    initial = _initial_model(config, 384, Path(config.data_dir) / "tokenizer.model", None).state_dict()
+    # (initial_model without LoRA: the recipe's base as the trainer seeds it.)
+    plain = replace(config, lora_rank=0)
+    initial = initial_model(plain, 384, Path(config.data_dir) / "tokenizer.model", None).state_dict()
     state = load_run_checkpoint(config.out_dir)["model"]
     adapters = {k for k in state if k.endswith((".lora_A", ".lora_B"))}
     assert len(adapters) == 2 * 3 * config.n_layers

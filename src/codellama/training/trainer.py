@@ -6,7 +6,11 @@ RMSNorm gains nor the token embedding table), linear warm-up then cosine decay t
 CPUs with native bf16 arithmetic. Checkpoints (checkpointing.py) are written to a temporary file and renamed, so a
 kill at any moment leaves the previous checkpoint intact, and they hold everything that determines the rest of
 the run (weights, optimizer moments, step, data position, RNG states), so ``resume`` continues the same curve.
-Recipes (the ``TrainConfig`` and its validation) are in recipe.py."""
+Recipes (the ``TrainConfig`` and its validation) are in recipe.py, the starting model in init_model.py.
+
+Under ``torchrun`` the same loop is one rank of a sharded run (distributed.py: FSDP2, each rank a disjoint slice of
+every global micro-batch) and checkpoints with torch.distributed.checkpoint (distributed_checkpoint.py), which
+resumes at any world size; rank 0 alone writes the log, the summary and the export."""
 
 from __future__ import annotations
 
@@ -27,14 +31,21 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..errors import CodeLlamaError, error_line
 from ..model import Transformer
-from ..tokenizer import Tokenizer
-from .checkpointing import (LATEST, PREVIOUS, clear_run_checkpoints, load_run_checkpoint,
-                            read_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state,
-                            truncate_log)
+from .checkpointing import (LATEST, PREVIOUS, clear_run_checkpoints, read_run_checkpoint, rng_state,
+                            save_run_checkpoint, set_rng_state, truncate_log)
 from .checkpointing import read_log  # noqa: F401 (part of this module's API, used by the tests)
-from .data import get_batch, load_tokens, prepare_data, sequence_indices, sequence_starts
+from .data import get_batch, sequence_starts
+from .distributed import Ranks, check_divisible, close_ranks, full_state_dict, init_ranks
+from .distributed_checkpoint import (clear_distributed_checkpoints, load_distributed,
+                                     read_distributed_state, restore_rng, save_distributed)
+from .init_model import init_source, initial_model, model_from_run, sharded_model, source_tokenizer
+from .init_model import model_from_checkpoint  # noqa: F401 (API)
+from .mixture import TrainingData, prepare_training_data
 # The recipe API has always been importable from here (tests, benchmarks, notebooks).
 from .recipe import RECIPES_DIR, TrainConfig, find_recipe, load_recipe  # noqa: F401
+
+__all__ = ["train", "model_from_run", "export", "lr_at", "make_optimizer", "train_step", "evaluate_loss",
+           "read_log", "load_recipe", "TrainConfig"]
 
 # ---- optimisation pieces (also used by benchmarks/training.py) -----------------------------------------------
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -81,7 +92,9 @@ def autocast_for(device: torch.device, precision: str = "auto"):
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer,
                micro_batches: list[tuple[torch.Tensor, torch.Tensor]], grad_clip: float,
                autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """One optimizer step over ``micro_batches`` (gradient accumulation); returns (mean loss, grad norm)."""
+    """One optimizer step over ``micro_batches`` (gradient accumulation); returns (mean loss, grad norm).
+    Sharded, each rank passes its rows of every micro-batch and gets its own rows' loss; FSDP averages the
+    gradients, and the norm (of DTensors) is the global one."""
     total = 0.0
     for x, y in micro_batches:
         with autocast():
@@ -91,6 +104,8 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer,
         loss.backward()
         total += loss.item()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(0.0)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total, float(norm)
@@ -98,96 +113,52 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer,
 
 @torch.no_grad()
 def evaluate_loss(model: Transformer, tokens: np.ndarray, seq_len: int, batch_size: int, batches: int,
-                  device: torch.device, autocast=contextlib.nullcontext, bos_id: int | None = None) -> float:
+                  device: torch.device, autocast=contextlib.nullcontext, bos_id: int | None = None,
+                  ranks: Ranks = Ranks()) -> float:
     """Mean next-token loss over the first ``batches × batch_size`` windows of ``tokens`` (a fixed set); windows
-    start at documents when ``bos_id`` is given, as in training."""
+    start at documents when ``bos_id`` is given, as in training. Sharded, the ranks split each batch and sum
+    their losses; every rank runs the same number of forwards (FSDP's all-gathers are collectives), so one whose
+    share of a short last batch is empty computes a window it does not count."""
     starts = sequence_starts(tokens, seq_len, bos_id)
     count = min(len(starts), batches * batch_size)
     if count == 0:
         raise CodeLlamaError(f"validation split has fewer than {seq_len + 1} tokens")
     was_training = model.training
     model.eval()
-    losses = []
+    total = 0.0
     for first in range(0, count, batch_size):
-        x, y = get_batch(tokens, starts[first:min(count, first + batch_size)], seq_len, device)
+        rows = starts[first:min(count, first + batch_size)]
+        share = -(-len(rows) // ranks.world_size)
+        mine = rows[ranks.rank * share:(ranks.rank + 1) * share]
+        x, y = get_batch(tokens, mine if len(mine) else rows[:1], seq_len, device)
         with autocast():
             logits = model(x)
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item())
+        if len(mine):
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
     model.train(was_training)
-    return sum(losses) / (count * seq_len)
+    return ranks.sum([total])[0] / (count * seq_len)
+
+
+def evaluate_mixture(model: Transformer, data: TrainingData, config: TrainConfig, device: torch.device,
+                     autocast, ranks: Ranks) -> tuple[float, dict[str, float]]:
+    """Validation loss of each source and their weighted mean (the mixture's objective)."""
+    per_source, mean = {}, 0.0
+    for name, weight, tokens, bos_id in data.val_sets():
+        loss = evaluate_loss(model, tokens, config.seq_len, config.batch_size, config.eval_batches, device,
+                             autocast, bos_id, ranks)
+        per_source[name] = loss
+        mean += weight * loss
+    return mean, per_source
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
-def model_from_run(run_dir: str | Path, **overrides: Any) -> Transformer:
-    """The model of a training run's latest checkpoint (``overrides`` change its config, e.g. ``rope_theta``)."""
-    return _model_from_checkpoint(load_run_checkpoint(run_dir), Path(run_dir), **overrides)
-
-
-def _model_from_checkpoint(ckpt: dict[str, Any], where: Path, **overrides: Any) -> Transformer:
-    try:
-        model = Transformer(ModelConfig(**{**ckpt["model_config"], **overrides}))
-        state = ckpt["model"]
-        if any(k.endswith(".lora_A") for k in state):
-            # A LoRA run checkpoints base + adapters; whoever reads it as a model gets the merged weights.
-            from .lora import apply_lora, merge_lora
-            saved = ckpt["train_config"]
-            apply_lora(model, saved["lora_targets"], saved["lora_rank"], saved["lora_alpha"], saved["lora_dropout"])
-            model.load_state_dict(state)
-            merge_lora(model)
-        else:
-            model.load_state_dict(state)
-    except (CodeLlamaError, AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CodeLlamaError(f"{where}: the checkpoint's model does not load ({error_line(e)})") from None
-    return model
-
-
-def _init_source(config: TrainConfig, log: Callable[[str], None]) -> dict[str, Any] | Path | None:
-    """What ``init_from`` names, read before any data is prepared so a bad source fails in seconds: a training
-    run's checkpoint (safely loaded), or a checkpoint directory for ``load_model``."""
-    if not config.init_from:
-        return None
-    src = Path(config.init_from)
-    found = read_run_checkpoint(src, log=log)
-    if found is not None:
-        return found[0]
-    if (src / "params.json").is_file() or (src / "config.json").is_file():
-        return src
-    raise CodeLlamaError(f"init_from: {src} is neither a training run nor a checkpoint directory")
-
-
-def _initial_model(config: TrainConfig, vocab_size: int, tokenizer_path: Path,
-                   source: dict[str, Any] | Path | None) -> Transformer:
-    if source is None:
-        torch.manual_seed(config.seed)
-        model = Transformer(config.model_config(vocab_size))
-        model.init_weights()
-        return model
-    # Continue from an earlier stage: keep its shape, change what the stage changes (LCFT: θ and length).
-    src = Path(config.init_from)
-    overrides = {"rope_theta": config.rope_theta, "max_seq_len": config.seq_len, "name": config.name}
-    if isinstance(source, dict):
-        model = _model_from_checkpoint(source, src, **overrides)
-    else:
-        from ..checkpoint import load_model
-        model = load_model(src, device="cpu", dtype=torch.float32)
-        for k, v in overrides.items():
-            setattr(model.config, k, v)
-    src_tok = src / "tokenizer.model"
-    if src_tok.is_file() and src_tok.read_bytes() != tokenizer_path.read_bytes():
-        raise CodeLlamaError(f"init_from: {src} was trained with another tokenizer than the data in "
-                             f"{config.data_dir}; prepare the data with tokenizer = \"{src_tok}\"")
-    if model.config.vocab_size < vocab_size:
-        raise CodeLlamaError(f"init_from: model vocabulary {model.config.vocab_size} < tokenizer's {vocab_size}")
-    return model
-
-
 def _check_resumable(ckpt: dict[str, Any], path: Path, config: TrainConfig) -> None:
     """The checkpoint belongs to this recipe (before any data is prepared: a wrong run fails in seconds)."""
     try:
         saved = TrainConfig(**ckpt["train_config"])
     except (CodeLlamaError, TypeError) as e:
         raise CodeLlamaError(f"{path}: its recipe is not one this version reads ({error_line(e)})") from None
-    changed = [f.name for f in fields(TrainConfig) if f.name not in ("progress", "device", "num_threads")
+    changed = [f.name for f in fields(TrainConfig) if f.name not in ("progress", "device", "num_threads", "out_dir")
                and getattr(saved, f.name) != getattr(config, f.name)]
     if changed:
         raise CodeLlamaError(f"cannot resume {config.out_dir}: recipe changed since the checkpoint "
@@ -250,75 +221,154 @@ def resolve_train_device(name: str) -> torch.device:
 def train(config: TrainConfig, *, resume: bool = False, until_step: int | None = None,
           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
     """Run (or resume) a training run; returns its summary. ``until_step`` stops early (after a checkpoint)
-    without changing the schedule, as an interruption would — used to test resuming."""
+    without changing the schedule, as an interruption would — used to test resuming. Under torchrun this is one
+    rank of a sharded run (every rank calls it; rank 0 logs and writes)."""
     if until_step is not None and (not isinstance(until_step, int) or until_step < 0):
         raise CodeLlamaError(f"until_step must be an integer >= 0, got {until_step!r}")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    device = resolve_train_device(config.device)
-    out = Path(config.out_dir)
-    # Everything read from disk is read (and refused, if it must be) before minutes of data preparation.
-    resumed = read_run_checkpoint(out, log=log) if resume else None
-    if resume and resumed is None:  # a typo in --out-dir must not silently start a new run from step 0
-        raise CodeLlamaError(f"cannot resume: no checkpoint in {out} (run without --resume to start a new run)")
-    if resumed is not None:
-        _check_resumable(*resumed, config)
-    init_source = _init_source(config, log)
-    if init_source is None:
-        _check_fits_in_memory(config.model_config(config.vocab_size), device)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = prepare_data(config.data_config(), config.data_dir, log=log)
-    data_dir = Path(config.data_dir)
-    tok_path = data_dir / "tokenizer.model"
-    tokenizer = Tokenizer(tok_path)
-    train_tokens = load_tokens(data_dir / "train.bin", tokenizer.n_words)
-    val_tokens = load_tokens(data_dir / "val.bin", tokenizer.n_words)
-    bos_id = tokenizer.bos_id if config.align_documents else None
-    starts = sequence_starts(train_tokens, config.seq_len, bos_id)
-    n_seq = len(starts)
+    ranks, device = init_ranks(resolve_train_device(config.device))
+    try:
+        return _train(config, resume, until_step, ranks, device, log if ranks.main else lambda s: None)
+    finally:
+        close_ranks(ranks)
 
-    log_path = out / "log.jsonl"
-    model = _initial_model(config, tokenizer.n_words, tok_path, init_source).to(device)
-    if config.lora_rank:
-        from .lora import apply_lora, trainable_report_line
-        torch.manual_seed(config.seed)  # the adapters' random A: the same for the same recipe
-        apply_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha, config.lora_dropout)
-        log(f"LoRA rank {config.lora_rank} on {', '.join(config.lora_targets)}: {trainable_report_line(model)}")
+
+def _read_resume_point(out: Path, ranks: Ranks, log: Callable[[str], None]) -> tuple[dict[str, Any], Path, str]:
+    """The checkpoint to resume from: a distributed one (any world size reads it) or a single-process one."""
+    found = read_distributed_state(out, log=log)
+    if found is not None:
+        return found[0], found[1], "dcp"
+    found = read_run_checkpoint(out, log=log)
+    if found is None:  # a typo in --out-dir must not silently start a new run from step 0
+        raise CodeLlamaError(f"cannot resume: no checkpoint in {out} (run without --resume to start a new run)")
+    if ranks.distributed:
+        raise CodeLlamaError(f"{found[1]} is a single-process checkpoint: resume it in one process (without "
+                             "torchrun); checkpoints of sharded runs resume at any world size")
+    return found[0], found[1], "pt"
+
+
+def _data_tokenizer(config: TrainConfig, out: Path) -> str | None:
+    """Data for a run that starts from a checkpoint is tokenised with that checkpoint's own tokenizer, unless the
+    recipe names one, or its data directory was already prepared with exactly that tokenizer."""
+    if config.tokenizer:
+        return None
+    src_tok = source_tokenizer(config, out)
+    if src_tok is None:
+        return None
+    prepared = Path(config.data_dir) / "tokenizer.model"
+    if prepared.is_file() and prepared.read_bytes() == src_tok.read_bytes():
+        # Already tokenised with these very pieces (an earlier stage's data, say): reuse it as it was prepared.
+        try:
+            key = json.loads(json.loads((Path(config.data_dir) / "meta.json").read_text())["key"])
+            return key["tokenizer"] or None
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return str(src_tok)
+
+
+def _prepare(config: TrainConfig, out: Path, ranks: Ranks, log: Callable[[str], None]) -> TrainingData:
+    """Rank 0 prepares the data (corpus, tokenizer, token files) while the others wait, then all read it."""
+    if ranks.main:
+        data = prepare_training_data(config, log, tokenizer_override=_data_tokenizer(config, out))
+    ranks.barrier()
+    if not ranks.main:
+        data = prepare_training_data(config, lambda s: None, tokenizer_override=_data_tokenizer(config, out))
+    return data
+
+
+def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """Bytes this rank actually holds for parameters and for optimizer state (local shards under FSDP)."""
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+    params = sum(local(p).numel() * local(p).element_size() for p in model.parameters())
+    params += sum(b.numel() * b.element_size() for b in model.buffers())
+    moments = sum(local(v).numel() * local(v).element_size() for state in optimizer.state.values()
+                  for v in state.values() if isinstance(v, torch.Tensor))
+    return params, moments
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    except (ImportError, OSError):
+        return None
+
+
+def _train(config: TrainConfig, resume: bool, until_step: int | None, ranks: Ranks, device: torch.device,
+           log: Callable[[str], None]) -> dict[str, Any]:
+    out = Path(config.out_dir)
+    check_divisible(config.batch_size, ranks)
+    # Everything read from disk is read (and refused, if it must be) before minutes of data preparation.
+    resumed = _read_resume_point(out, ranks, log) if resume else None
+    if resumed is not None:
+        _check_resumable(resumed[0], resumed[1], config)
+    source = init_source(config, log)
+    if source is None:
+        _check_fits_in_memory(config.model_config(config.vocab_size), device)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+    ranks.barrier()
+    data = _prepare(config, out, ranks, log)
+    tok_path = data.tokenizer_path
+
+    precision = resolve_precision(config.precision, device)
+    if ranks.distributed:
+        model = sharded_model(config, data.vocab_size, tok_path, source, ranks, device, precision, log)
+        autocast = contextlib.nullcontext  # FSDP's mixed-precision policy computes in bf16 itself
+    else:
+        model = initial_model(config, data.vocab_size, tok_path, source, log).to(device)
+        autocast = lambda: autocast_for(device, precision)  # noqa: E731
     optimizer = make_optimizer(model, config)  # over the trainable parameters only (frozen ones are skipped)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     step, position, best_val = 0, 0, math.inf
+    log_path = out / "log.jsonl"
     if resumed is not None:
-        ckpt, ckpt_path = resumed
-        _restore(ckpt, ckpt_path, model, optimizer)
+        ckpt, ckpt_path, kind = resumed
+        if kind == "dcp":
+            load_distributed(model, optimizer, ckpt_path)
+            restore_rng(ckpt)
+        else:
+            _restore(ckpt, ckpt_path, model, optimizer)
         step, position, best_val = ckpt["step"], ckpt["position"], float(ckpt["best_val"])
-        if ckpt_path.name == PREVIOUS and (out / LATEST).is_file():
+        if ranks.main and ckpt_path.name == PREVIOUS and (out / LATEST).is_file():
             # Set the damaged latest aside, so that the next save does not rotate it into the fallback slot.
             os.replace(out / LATEST, out / (LATEST + ".damaged"))
-        truncate_log(out, step)
-        log(f"resumed {out} at step {step}")
-        del ckpt  # its tensors are copied into the model and optimizer: do not keep a second copy alive
-    else:
-        clear_run_checkpoints(out)  # a fresh start: no earlier run's checkpoint may be resumed or fallen back to
+        if ranks.main:
+            truncate_log(out, step)
+        log(f"resumed {out} at step {step} (saved at world size {ckpt.get('world_size', 1)}, now "
+            f"{ranks.world_size})")
+        del ckpt
+    elif ranks.main:  # a fresh start: no earlier run's checkpoint may be resumed or fallen back to
+        clear_run_checkpoints(out)
+        clear_distributed_checkpoints(out)
         log_path.unlink(missing_ok=True)
-    del resumed, init_source
-    (out / "tokenizer.model").write_bytes(tok_path.read_bytes())
-    (out / "recipe.json").write_text(json.dumps(asdict(config), indent=2))
+    del resumed, source
+    if ranks.main:
+        (out / "tokenizer.model").write_bytes(tok_path.read_bytes())
+        (out / "recipe.json").write_text(json.dumps(asdict(config), indent=2))
+    ranks.barrier()
+    model_config = asdict(model.config)
 
     def save() -> None:
-        save_run_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                             "position": position, "best_val": best_val, "rng": rng_state(),
-                             "train_config": asdict(config), "model_config": asdict(model.config)}, out)
+        plain = {"step": step, "position": position, "best_val": best_val, "train_config": asdict(config),
+                 "model_config": model_config, "world_size": ranks.world_size}
+        if ranks.distributed:
+            save_distributed(model, optimizer, plain, out, ranks.main, ranks.barrier)
+        else:
+            save_run_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "rng": rng_state(), **plain}, out)
+            clear_distributed_checkpoints(out)
 
-    precision = resolve_precision(config.precision, device)
-    autocast = lambda: autocast_for(device, precision)  # noqa: E731
     n_params = model.config.num_params()
-    packing = "document-aligned" if bos_id is not None else "back-to-back"
-    log(f"{config.name}: {n_params / 1e6:.2f}M parameters, {len(train_tokens):,} train tokens "
-        f"({n_seq:,} {packing} sequences of {config.seq_len}), {config.tokens_per_step:,} tokens/step, "
-        f"{config.max_steps} steps, device {device}, {precision}")
+    first_row, last_row = ranks.rows(config.batch_size)
+    log(f"{config.name}: {n_params / 1e6:.2f}M parameters, {data.describe()}, {config.tokens_per_step:,} "
+        f"tokens/step, {config.max_steps} steps, device {device}, {precision}"
+        + (f", FSDP2 over {ranks.world_size} ranks" if ranks.distributed else ""))
     stop = min(config.max_steps, until_step) if until_step is not None else config.max_steps
-    bar = _progress(config, step, stop)
-    logf = open(log_path, "a")
+    bar = _progress(config, step, stop) if ranks.main else None
+    logf = open(log_path, "a") if ranks.main else None
     model.train()
     t_start, tokens_done, last, saved_step = time.time(), 0, {}, -1
     try:
@@ -328,24 +378,26 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
                 group["lr"] = lr
             micro = []
             for _ in range(config.grad_accum):
-                idx = sequence_indices(position, config.batch_size, n_seq, config.seed)
+                micro.append(data.train_batch(position + first_row, last_row - first_row, device))
                 position += config.batch_size
-                micro.append(get_batch(train_tokens, starts[idx], config.seq_len, device))
             t0 = time.time()
             loss, norm = train_step(model, optimizer, micro, config.grad_clip, autocast)
+            loss = ranks.mean(loss)
             dt = time.time() - t0
             step += 1
             tokens_done += config.tokens_per_step
             tok_s = tokens_done / (time.time() - t_start)
             record = {"step": step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(norm, 4),
-                      "tokens": step * config.tokens_per_step, "epoch": round(position / n_seq, 4),
-                      "step_s": round(dt, 4), "tokens_per_s": round(tok_s, 1)}
+                      "tokens": step * config.tokens_per_step, "epoch": round(data.epoch(position), 4),
+                      "step_s": round(dt, 4), "tokens_per_s": round(tok_s, 1), "world_size": ranks.world_size}
             if step % config.eval_interval == 0 or step == config.max_steps:
-                record["val_loss"] = round(evaluate_loss(model, val_tokens, config.seq_len, config.batch_size,
-                                                         config.eval_batches, device, autocast, bos_id), 5)
+                val, per_source = evaluate_mixture(model, data, config, device, autocast, ranks)
+                record["val_loss"] = round(val, 5)
+                if len(per_source) > 1:
+                    record["val_loss_by_source"] = {k: round(v, 5) for k, v in per_source.items()}
                 best_val = min(best_val, record["val_loss"])
             last = record
-            if step % config.log_interval == 0 or "val_loss" in record or step == stop:
+            if logf is not None and (step % config.log_interval == 0 or "val_loss" in record or step == stop):
                 logf.write(json.dumps(record) + "\n")
                 logf.flush()
             if bar is not None:
@@ -357,31 +409,50 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
         if saved_step != step:  # the end of this invocation (finished, or until_step) is always resumable
             save()
     except KeyboardInterrupt:
-        log(f"interrupted at step {step}; the last checkpoint is in {out / LATEST} (resume with --resume)")
+        log(f"interrupted at step {step}; the last checkpoint is in {out} (resume with --resume)")
         raise
     finally:
-        logf.close()
+        if logf is not None:
+            logf.close()
         if bar is not None:
             bar.close()
+    # What each rank actually holds (its local shards), gathered so rank 0's summary shows every rank's.
+    held = [0.0] * (3 * ranks.world_size)
+    held[3 * ranks.rank: 3 * ranks.rank + 3] = [*_state_bytes(model, optimizer), _peak_rss_bytes() or 0]
+    held = [int(v) for v in ranks.sum(held)]
     summary = {"name": config.name, "step": step, "max_steps": config.max_steps, "params": n_params,
                "trainable_params": n_trainable,
-               "tokens_seen": step * config.tokens_per_step, "train_tokens": len(train_tokens),
+               "tokens_seen": step * config.tokens_per_step, "train_tokens": data.n_train_tokens,
                "final_train_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
                "best_val_loss": best_val if best_val < math.inf else None,
-               "unigram_val_loss": meta["unigram_val_loss"], "tokens_per_s": last.get("tokens_per_s"),
+               "unigram_val_loss": data.meta["unigram_val_loss"], "tokens_per_s": last.get("tokens_per_s"),
                "wall_s": round(time.time() - t_start, 1), "device": str(device), "precision": precision,
-               "rope_theta": model.config.rope_theta, "seq_len": config.seq_len}
+               "rope_theta": model.config.rope_theta, "seq_len": config.seq_len, "world_size": ranks.world_size,
+               "rank": ranks.rank, "param_bytes_per_rank": held[0::3], "optimizer_bytes_per_rank": held[1::3],
+               "peak_rss_bytes_per_rank": held[2::3]}
     if step >= config.max_steps:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        model.eval()
-        if config.lora_rank:  # the export is an ordinary checkpoint: adapters folded into the base weights
-            from .lora import merge_lora
-            merge_lora(model)
-        export(model.cpu(), out / "final", tok_path)
-        summary["export"] = str(out / "final")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        log(f"done: {out / 'final'}")
+        state = full_state_dict(model, ranks)  # a collective: every rank takes part, rank 0 gets the weights
+        if ranks.main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            _export_final(state, model.config, config, out / "final", tok_path)
+            summary["export"] = str(out / "final")
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            log(f"done: {out / 'final'}")
+        ranks.barrier()
     return summary
+
+
+def _export_final(state: dict[str, torch.Tensor], model_config: ModelConfig, config: TrainConfig, out_dir: Path,
+                  tokenizer_path: Path) -> None:
+    """The trained model as an ordinary float checkpoint: LoRA adapters folded into the base weights."""
+    if config.lora_rank:
+        model = model_from_checkpoint({"model": state, "model_config": asdict(model_config),
+                                       "train_config": asdict(config)}, out_dir)
+    else:
+        with torch.device("meta"):
+            model = Transformer(model_config)
+        model.load_state_dict(state, assign=True)
+    export(model.eval(), out_dir, tokenizer_path)
 
 
 def _progress(config: TrainConfig, step: int, stop: int):
