@@ -267,7 +267,7 @@ def test_train_refuses_bad_recipe_and_resume_without_checkpoint(capsys, tmp_path
 
     def no_corpus_work(*a, **k):
         raise AssertionError("data preparation started")
-    monkeypatch.setattr(trainer, "prepare_data", no_corpus_work)
+    monkeypatch.setattr(trainer, "prepare_training_data", no_corpus_work)
     recipe = tmp_path / "r.toml"
     recipe.write_text('base = "tiny-pretrain"\nlr = "fast"\n')
     _one_line_error(*_run(capsys, "train", str(recipe), "--out-dir", str(tmp_path / "run"))[::2], "lr", "fast")

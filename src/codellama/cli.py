@@ -29,6 +29,13 @@ def _add_train(sub) -> None:
     p.add_argument("recipe", help="a recipe .toml file or a bundled recipe name "
                                      "(tiny-pretrain, tiny-pretrain-wide, tiny-lcft)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="start from this checkpoint (Meta, HF, native, GGUF, or a training run); overrides "
+                        "the recipe's init_from; its tokenizer is used")
+    p.add_argument("--plan", action="store_true",
+                   help="print the per-rank memory plan of the run and exit (exit 2 if it cannot fit)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="world size for --plan (default: torchrun's WORLD_SIZE, else 1)")
     p.add_argument("--out-dir", default=None, help="override the recipe's out_dir")
     p.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
     p.add_argument("--device", default=None, help="override the recipe's device (auto, cpu, cuda)")
@@ -45,10 +52,20 @@ def cmd_train(args) -> None:
 
     if args.threads is not None and args.threads < 1:
         raise CodeLlamaError(f"--threads must be >= 1, got {args.threads}")
+    if args.nproc is not None and args.nproc < 1:
+        raise CodeLlamaError(f"--nproc must be >= 1, got {args.nproc}")
     config = load_recipe(args.recipe, out_dir=args.out_dir, max_steps=args.max_steps, device=args.device,
-                         progress=False if args.no_progress else None, num_threads=args.threads)
+                         progress=False if args.no_progress else None, num_threads=args.threads,
+                         init_from=args.init)
+    if args.plan:
+        from .training.plan import memory_plan
+        plan = memory_plan(config, world_size=args.nproc)
+        print(plan.table())
+        plan.check()
+        return
     summary = train(config, resume=args.resume, until_step=args.until_step)
-    print(json.dumps(summary, indent=2))
+    if summary.get("rank", 0) == 0:
+        print(json.dumps(summary, indent=2))
 
 
 # ---- serve -----------------------------------------------------------------------------------------

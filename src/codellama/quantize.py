@@ -149,14 +149,19 @@ class QuantLinear(nn.Module):
     def _pack(self) -> Any:
         raise NotImplementedError
 
+    def input_grad(self, grad: Tensor) -> Tensor:
+        """d(loss)/dx for y = x W^T, given d(loss)/dy: ``grad @ W`` with W dequantized on the fly."""
+        return grad @ self.dequantize(grad.dtype)
+
     def _kernel(self, x: Tensor, packed: Any) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         if x.requires_grad and torch.is_grad_enabled():
-            # Training through a frozen quantized layer (LoRA): the packed kernels have no backward, the
-            # dequantizing fallback is plain autograd, so gradients reach the layers before this one.
-            return self._fallback(x)
+            # Training through a frozen quantized layer (LoRA/QLoRA): gradients must reach the layers before this
+            # one. Plain autograd through the dequantizing fallback would save each dequantized weight for the
+            # backward pass (a whole bf16 copy of the model); this dequantizes again in backward instead.
+            return _FrozenQuantLinear.apply(x, self)
         packed = self._kernel_for(x.device) if _kernels_enabled else None
         if packed is None:
             return self._fallback(x)
@@ -201,6 +206,21 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
 
 
+class _FrozenQuantLinear(torch.autograd.Function):
+    """A quantized layer under autograd: the output from the fallback, the input's gradient from the weights
+    dequantized again in backward. Nothing weight-sized is saved, so a QLoRA step holds only the quantized base."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: "QuantLinear") -> Tensor:
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer._fallback(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.layer.input_grad(grad), None
+
+
 class Int8Linear(QuantLinear):
     mode = "int8"
     _keep_dtype = ("scales",)
@@ -228,6 +248,9 @@ class Int8Linear(QuantLinear):
     def _fallback(self, x: Tensor) -> Tensor:
         # Scaling the output columns is exact algebra and avoids materialising the scaled weight.
         return F.linear(x, self.weight_int8.to(x.dtype)) * self.scales.to(x.dtype)
+
+    def input_grad(self, grad: Tensor) -> Tensor:
+        return (grad * self.scales.to(grad.dtype)) @ self.weight_int8.to(grad.dtype)
 
     def _pack(self) -> Any:
         op = torch.ops.aten._weight_int8pack_mm

@@ -42,6 +42,7 @@ from .init_model import init_source, initial_model, model_from_run, sharded_mode
 from .init_model import model_from_checkpoint  # noqa: F401 (API)
 from .mixture import TrainingData, prepare_training_data
 # The recipe API has always been importable from here (tests, benchmarks, notebooks).
+from .plan import memory_plan
 from .recipe import RECIPES_DIR, TrainConfig, find_recipe, load_recipe  # noqa: F401
 
 __all__ = ["train", "model_from_run", "export", "lr_at", "make_optimizer", "train_step", "evaluate_loss",
@@ -186,22 +187,6 @@ def _restore(ckpt: dict[str, Any], path: Path, model: Transformer, optimizer: to
                              "again") from None
 
 
-def _check_fits_in_memory(model_config: ModelConfig, device: torch.device) -> None:
-    """Refuse a model whose weights, gradients and two AdamW moments (16 bytes a parameter) exceed the memory of
-    the machine: allocating it would swap the machine to a halt or wake the OOM killer, not raise."""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare with
-            return
-    needed = 16 * model_config.num_params()
-    if needed > total:
-        raise CodeLlamaError(f"model of {model_config.num_params() / 1e9:.1f}B parameters needs ~{needed / 2**30:.0f} "
-                             f"GiB to train, more than this {device.type} device has ({total / 2**30:.0f} GiB)")
-
-
 def export(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path) -> Path:
     """The run's model as a loadable native checkpoint (params.json, model.safetensors, tokenizer.model)."""
     from ..checkpoint import save_checkpoint
@@ -305,8 +290,9 @@ def _train(config: TrainConfig, resume: bool, until_step: int | None, ranks: Ran
     if resumed is not None:
         _check_resumable(resumed[0], resumed[1], config)
     source = init_source(config, log)
-    if source is None:
-        _check_fits_in_memory(config.model_config(config.vocab_size), device)
+    # The memory plan (plan.py) before anything is allocated: a run that cannot fit would swap the machine to a
+    # halt or wake the OOM killer minutes later, not raise.
+    memory_plan(config, world_size=ranks.world_size, device=device).check()
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
     ranks.barrier()
