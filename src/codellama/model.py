@@ -146,14 +146,21 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
-                valid: Tensor | None = None, last_only: bool = False) -> Tensor:
+                valid: Tensor | None = None, last_only: bool = False, segments: Tensor | None = None) -> Tensor:
         """Logits (float32) for tokens [B, T].
 
         Without ``cache`` this is the plain causal forward (``valid`` [B, T] marks real tokens of
         left-padded rows). With ``cache`` the tokens fill the next T slots and attend to every valid slot
         before them, so calling it chunk by chunk (prefill) and then token by token (decode) is exact.
-        ``positions`` [B, T] are the RoPE positions; by default the slot indices."""
+        ``positions`` [B, T] are the RoPE positions; by default the slot indices.
+
+        ``segments`` [B, T] (training on packed rows, no cache): tokens attend only to earlier tokens of their own
+        segment, and positions restart at each segment, so every packed sequence computes what it would alone."""
         B, T = tokens.shape
+        if segments is not None:
+            if cache is not None or valid is not None:
+                raise ValueError("segments are for packed training rows, without a cache or padding mask")
+            return self._forward_segments(tokens, segments, positions, last_only)
         start = cache.length if cache is not None else 0
         end = start + T
         if cache is not None and end > cache.size:
@@ -184,6 +191,28 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, mask, layer_cache, start)
         if cache is not None:
             cache.length = end
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
+
+    def _forward_segments(self, tokens: Tensor, segments: Tensor, positions: Tensor | None,
+                          last_only: bool) -> Tensor:
+        T = tokens.shape[1]
+        idx = torch.arange(T, device=tokens.device)
+        if positions is None:
+            # A segment starts where the id changes; a token's position is its distance from that start.
+            starts = torch.ones_like(segments, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            positions = idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values
+        cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+        same = segments.unsqueeze(2) == segments.unsqueeze(1)  # [B, T, T]
+        mask = (same & (idx.unsqueeze(0) <= idx.unsqueeze(1))).unsqueeze(1)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, mask, None, 0, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, None, 0)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -35,6 +35,7 @@ import torch
 from ..errors import CodeLlamaError
 from ..tokenizer import Tokenizer
 from .corpus import CorpusConfig, CorpusStats, Document, build_corpus
+from .instruct import Rows, dialog_files_digest, prepare_dialog_source, read_dialogs
 from .data import DataConfig, get_batch, load_tokens, prepare_data, sequence_indices, sequence_starts
 from .tokenizer import train_tokenizer
 
@@ -57,7 +58,11 @@ class SourceConfig:
     corpus: list[str]
     weight: float
     extensions: list[str] = field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
+    dialogs: list[str] = field(default_factory=list)  # instruction JSONL files (instruct.py) instead of a corpus
 
+    @property
+    def is_dialogs(self) -> bool:
+        return bool(self.dialogs)
     @property
     def natural_language(self) -> bool:
         """Prose, not code: no FIM (the paper applies it to code), prose line filters."""
@@ -69,8 +74,20 @@ def source_configs(config: TrainConfig) -> list[SourceConfig]:
     if not config.sources:
         return [SourceConfig(SINGLE_SOURCE, list(config.corpus), 1.0, list(DEFAULT_EXTENSIONS))]
     total = math.fsum(float(s["weight"]) for s in config.sources)
-    return [SourceConfig(s["name"], list(s["corpus"]), float(s["weight"]) / total,
-                         list(s.get("extensions", DEFAULT_EXTENSIONS))) for s in config.sources]
+    return [SourceConfig(s["name"], list(s.get("corpus", [])), float(s["weight"]) / total,
+                         list(s.get("extensions", DEFAULT_EXTENSIONS)),
+                         [resolve_dialog_path(d) for d in s.get("dialogs", [])]) for s in config.sources]
+
+
+def resolve_dialog_path(name: str) -> str:
+    """A dialog file: ``instruct:NAME`` is one of the package's own (codellama/instruct_data/NAME.jsonl)."""
+    if name.startswith("instruct:"):
+        bundled = Path(__file__).resolve().parents[1] / "instruct_data" / f"{name.removeprefix('instruct:')}.jsonl"
+        if not bundled.is_file():
+            known = sorted(p.stem for p in bundled.parent.glob("*.jsonl"))
+            raise CodeLlamaError(f"no bundled dialogs {name!r} (known: {', '.join('instruct:' + k for k in known)})")
+        return str(bundled)
+    return str(Path(name).expanduser())
 
 
 def source_data_config(config: TrainConfig, source: SourceConfig, tokenizer: str) -> DataConfig:
@@ -148,7 +165,8 @@ class _Prepared:
     seed: int
     train: np.ndarray
     val: np.ndarray
-    starts: np.ndarray
+    starts: np.ndarray  # token offsets of the windows; for a dialog source, row numbers
+    rows: Rows | None = None  # a dialog source's packed training rows (its val rows are in ``val``)
 
 
 class TrainingData:
@@ -162,9 +180,11 @@ class TrainingData:
         self.seq_len, self.bos_id = seq_len, bos_id
         self.names = [s.name for s in sources]
         self.weights = [s.weight for s in sources]
-        self.n_train_tokens = sum(len(s.train) for s in sources)
+        self.n_train_tokens = sum(len(s.train) if s.rows is None else int((s.rows.segments >= 0).sum())
+                                  for s in sources)
         self._sources = sources
-        self._single = len(sources) == 1
+        self._single = len(sources) == 1 and sources[0].rows is None
+        self.has_dialogs = any(s.rows is not None for s in sources)
         if not self._single:
             for s in sources:
                 if len(s.starts) == 0:
@@ -208,12 +228,31 @@ class TrainingData:
             src = self._sources[0]
             idx = sequence_indices(position, count, len(src.starts), src.seed)
             return get_batch(src.train, src.starts[idx], self.seq_len, device)
+        draws = self.draws(position, count)
+        if self.has_dialogs:
+            return self._batch_with_dialogs(draws, device)
         rows = np.stack([np.asarray(self._sources[s].train[o: o + self.seq_len + 1], dtype=np.int64)
-                         for s, o in self.draws(position, count)])
+                         for s, o in draws])
         batch = torch.from_numpy(rows)
         if torch.device(device).type == "cuda":
             batch = batch.pin_memory().to(device, non_blocking=True)
         return batch[:, :-1], batch[:, 1:]
+
+    def _batch_with_dialogs(self, draws: list[tuple[int, int]], device) -> tuple[torch.Tensor, ...]:
+        """(x, y, segments): dialog rows carry their segments and loss only on assistant tokens; text windows
+        are one segment (id 0, plain causal attention) with every next token a target."""
+        xs, ys, segs = [], [], []
+        for s, o in draws:
+            src = self._sources[s]
+            if src.rows is not None:
+                x, y, seg = src.rows.batch([o])
+            else:
+                row = torch.from_numpy(np.asarray(src.train[o: o + self.seq_len + 1], dtype=np.int64))[None]
+                x, y, seg = row[:, :-1], row[:, 1:], torch.zeros(1, self.seq_len, dtype=torch.int64)
+            xs.append(x)
+            ys.append(y)
+            segs.append(seg)
+        return tuple(torch.cat(t).to(device) for t in (xs, ys, segs))
 
     def epoch(self, position: int) -> float:
         """Passes over the data at ``position``: each source's windows consumed / its windows, weighted mean
@@ -223,7 +262,8 @@ class TrainingData:
         consumed = self.sampler.consumed(position)
         return sum(s.weight * c / len(s.starts) for s, c in zip(self._sources, consumed))
 
-    def val_sets(self) -> list[tuple[str, float, np.ndarray, int | None]]:
+    def val_sets(self) -> list[tuple[str, float, np.ndarray | Rows, int | None]]:
+        """Per source: name, weight, validation tokens (a dialog source: its packed validation ``Rows``), bos."""
         return [(s.name, s.weight, s.val, self.bos_id) for s in self._sources]
 
     def describe(self) -> str:
@@ -232,6 +272,7 @@ class TrainingData:
             s = self._sources[0]
             return (f"{len(s.train):,} train tokens ({len(s.starts):,} {packing} sequences of {self.seq_len})")
         parts = ", ".join(f"{s.name} {s.weight:.1%} ({len(s.train):,} tokens, {len(s.starts):,} sequences)"
+                          if s.rows is None else f"{s.name} {s.weight:.1%} ({len(s.rows):,} packed dialog rows)"
                           for s in self._sources)
         return (f"mixture of {len(self._sources)} sources: {parts}; {self.n_train_tokens:,} train tokens, "
                 f"{packing} sequences of {self.seq_len}")
@@ -274,6 +315,12 @@ def _load_source(name: str, weight: float, seed: int, source_dir: Path, vocab_si
     return _Prepared(name, weight, seed, train, val, sequence_starts(train, seq_len, bos_id))
 
 
+def _load_dialog_source(name: str, weight: float, seed: int, source_dir: Path) -> _Prepared:
+    rows = Rows.load(source_dir / "train")
+    return _Prepared(name, weight, seed, rows.tokens, Rows.load(source_dir / "val"),
+                     np.arange(len(rows), dtype=np.int64), rows)
+
+
 def _bos(tokenizer_path: Path, config: TrainConfig) -> int | None:
     return Tokenizer(tokenizer_path).bos_id if config.align_documents else None
 
@@ -308,10 +355,13 @@ def prepare_training_data(config: TrainConfig, log: Callable[[str], None],
     tok_path = data_dir / "tokenizer.model"
     data_configs = [source_data_config(config, s, str(tok_path)) for s in sources]
     # The weights shape the prepared data only through a tokenizer trained here: with a given one, a recipe that
-    # changes only its weights reuses the data (the stream is sampled afresh from the new weights).
+    # changes only its weights reuses the data (the stream is sampled afresh from the new weights). Dialog
+    # sources are packed into rows of seq_len + 1, and depend on their files' contents.
+    dialogs = {s.name: dialog_files_digest(s.dialogs) for s in sources if s.is_dialogs}
     key = json.dumps({"sources": [{**asdict(s), "weight": None if given else s.weight} for s in sources],
                       "data": [asdict(d) for d in data_configs],
-                      "tokenizer": given and hashlib.sha256(Path(given).read_bytes()).hexdigest()}, sort_keys=True)
+                      "tokenizer": given and hashlib.sha256(Path(given).read_bytes()).hexdigest(),
+                      **({"dialogs": dialogs, "seq_len": config.seq_len} if dialogs else {})}, sort_keys=True)
     meta_path = data_dir / MIXTURE_META
     source_dirs = [data_dir / "sources" / s.name for s in sources]
     if meta_path.is_file():
@@ -327,8 +377,9 @@ def prepare_training_data(config: TrainConfig, log: Callable[[str], None],
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, meta_path)  # written last: its presence means every source is complete
     bos_id = _bos(tok_path, config)
-    prepared = [_load_source(s.name, s.weight, source_seed(config.seed, s.name), d, meta["vocab_size"],
-                             config.seq_len, bos_id) for s, d in zip(sources, source_dirs)]
+    prepared = [_load_dialog_source(s.name, s.weight, source_seed(config.seed, s.name), d) if s.is_dialogs
+                else _load_source(s.name, s.weight, source_seed(config.seed, s.name), d, meta["vocab_size"],
+                                  config.seq_len, bos_id) for s, d in zip(sources, source_dirs)]
     return TrainingData(prepared, tok_path, config.seq_len, bos_id, meta, config.seed)
 
 
@@ -341,6 +392,12 @@ def _prepare_mixture(config: TrainConfig, sources: list[SourceConfig], data_conf
     data_dir.mkdir(parents=True, exist_ok=True)
     corpora: list[tuple[dict[str, list[Document]], CorpusStats]] = []
     for source, data_config in zip(sources, data_configs):
+        if source.is_dialogs:
+            log(f"reading dialog source {source.name} ({source.weight:.1%}) from {len(source.dialogs)} files")
+            docs = [Document(f"{source.name}/{i}", "\n".join(m["content"] for m in d))
+                    for i, d in enumerate(d for f in source.dialogs for d in read_dialogs(f))]
+            corpora.append(({"train": docs}, CorpusStats()))
+            continue
         log(f"collecting source {source.name} ({source.weight:.1%}) from {source.corpus}")
         corpora.append(build_corpus(data_config.corpus))
     if given:
@@ -350,15 +407,21 @@ def _prepare_mixture(config: TrainConfig, sources: list[SourceConfig], data_conf
         log(f"training a {config.vocab_size}-piece tokenizer on {len(texts)} documents of {len(sources)} sources")
         _train_shared_tokenizer(texts, tok_path, config.vocab_size)
     metas = {}
+    tokenizer = Tokenizer(tok_path)
     for source, data_config, corpus, source_dir in zip(sources, data_configs, corpora, source_dirs):
+        if source.is_dialogs:
+            log(f"rendering and packing dialog source {source.name} (loss on assistant tokens only)")
+            metas[source.name] = prepare_dialog_source(source.dialogs, tokenizer, config.seq_len, source_dir)
+            continue
         log(f"tokenising source {source.name}" + (" (left to right: natural language)"
                                                  if source.natural_language else ""))
         metas[source.name] = prepare_data(data_config, source_dir, log=log, corpus=corpus)
-    vocab_size = Tokenizer(tok_path).n_words
     meta = {
-        "vocab_size": vocab_size, "tokenizer": str(tok_path), "tokenizer_from": given or "trained on the sources",
-        "fim": {s.name: not s.natural_language for s in sources},
-        "licences": {s.name: metas[s.name]["corpus"]["sources"] for s in sources},
+        "vocab_size": tokenizer.n_words, "tokenizer": str(tok_path),
+        "tokenizer_from": given or "trained on the sources",
+        "fim": {s.name: not s.natural_language and not s.is_dialogs for s in sources},
+        "licences": {s.name: metas[s.name]["licences"] if s.is_dialogs else metas[s.name]["corpus"]["sources"]
+                     for s in sources},
         "train_tokens": sum(m["train"]["tokens"] for m in metas.values()),
         "sources": metas,
     }

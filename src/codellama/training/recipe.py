@@ -20,6 +20,7 @@ from .data import DataConfig
 from .mixture import MIX_BLOCK
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
 MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred lines; a bigger file is a mistake, not a recipe
 MAX_BASE_DEPTH = 8
 # The linear layers of a block LoRA can adapt (model.py names; lora.py maps them to their modules). Spelled out
@@ -28,7 +29,7 @@ LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 BASE_DTYPES = ("fp32", "bf16", "int8", "int4")
 # Data mixtures: a handful of sources (the paper's have 3 and 4); their names are directory names under data_dir.
 MAX_SOURCES = 16
-SOURCE_KEYS = ("name", "corpus", "weight", "extensions")
+SOURCE_KEYS = ("name", "corpus", "dialogs", "weight", "extensions")
 _SOURCE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 
 
@@ -93,6 +94,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.init_from == "default":  # the embedded model (what tiny-instruct fine-tunes)
+            self.init_from = str(DEFAULT_MODEL_DIR)
         self.out_dir = self.out_dir or f"runs/{self.name}"
         self.data_dir = self.data_dir or f"runs/data/{self.name}"
 
@@ -239,20 +242,25 @@ def _check_sources(sources: list[dict]) -> None:
         if unknown:
             raise _bad(f"{at}.{unknown[0]}", f"absent: a source has only the keys {', '.join(SOURCE_KEYS)}",
                        source[unknown[0]])
-        for key in ("name", "corpus", "weight"):
+        for key in ("name", "weight"):
             if key not in source:
-                raise CodeLlamaError(f"recipe: {at}.{key} is missing (every source has a name, corpus and weight)")
+                raise CodeLlamaError(f"recipe: {at}.{key} is missing (every source has a name, a corpus or "
+                                     "dialogs, and a weight)")
+        if ("corpus" in source) == ("dialogs" in source):
+            raise CodeLlamaError(f"recipe: {at} needs exactly one of corpus (text and code to collect) or dialogs "
+                                 "(instruction JSONL files)")
         name = source["name"]
         if not isinstance(name, str) or not _SOURCE_NAME.fullmatch(name):
             raise _bad(f"{at}.name", "1-64 characters of a-z, 0-9, _ and -", name)
         if name in names:
             raise _bad(f"{at}.name", "unique among the sources", name)
         names.add(name)
-        corpus = source["corpus"]
-        if not isinstance(corpus, list) or not corpus or not all(isinstance(v, str) and v and "\0" not in v
-                                                                  for v in corpus):
-            raise _bad(f"{at}.corpus", 'a non-empty list of non-empty strings (e.g. ["stdlib", "path/to/dir"])',
-                       corpus)
+        key = "corpus" if "corpus" in source else "dialogs"
+        roots = source[key]
+        if not isinstance(roots, list) or not roots or not all(isinstance(v, str) and v and "\0" not in v
+                                                                for v in roots):
+            example = '["stdlib", "path/to/dir"]' if key == "corpus" else '["instruct:mbpp-train", "my.jsonl"]'
+            raise _bad(f"{at}.{key}", f"a non-empty list of non-empty strings (e.g. {example})", roots)
         weight = source["weight"]
         if (not isinstance(weight, (int, float)) or isinstance(weight, bool)
                 or (isinstance(weight, int) and abs(weight) > 1e300) or not math.isfinite(weight) or weight <= 0):
@@ -348,10 +356,18 @@ def _resolve_file_relative_paths(path: Path, keys: dict[str, Any]) -> None:
         bundled = False
     if bundled:
         return
+    def beside(value: Any) -> Any:
+        if isinstance(value, str) and value and "\0" not in value and ":" not in value \
+                and not Path(value).expanduser().is_absolute():
+            return str(path.parent / value)
+        return value
+
     for key in _FILE_RELATIVE_KEYS:
-        value = keys.get(key)
-        if isinstance(value, str) and value and "\0" not in value and not Path(value).expanduser().is_absolute():
-            keys[key] = str(path.parent / value)
+        if isinstance(keys.get(key), str) and ":" not in keys[key]:
+            keys[key] = beside(keys[key])
+    for source in keys.get("sources") or []:  # dialog files too ("instruct:NAME" is bundled data)
+        if isinstance(source, dict) and isinstance(source.get("dialogs"), list):
+            source["dialogs"] = [beside(v) for v in source["dialogs"]]
 
 
 def load_recipe(name_or_path: str | Path, **overrides: Any) -> TrainConfig:

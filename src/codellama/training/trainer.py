@@ -38,6 +38,7 @@ from .data import get_batch, sequence_starts
 from .distributed import Ranks, check_divisible, close_ranks, full_state_dict, init_ranks
 from .distributed_checkpoint import (clear_distributed_checkpoints, load_distributed,
                                      read_distributed_state, restore_rng, save_distributed)
+from .instruct import IGNORE, Rows
 from .init_model import init_source, initial_model, model_from_run, sharded_model, source_tokenizer
 from .init_model import model_from_checkpoint  # noqa: F401 (API)
 from .mixture import TrainingData, prepare_training_data
@@ -97,9 +98,12 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer,
     Sharded, each rank passes its rows of every micro-batch and gets its own rows' loss; FSDP averages the
     gradients, and the norm (of DTensors) is the global one."""
     total = 0.0
-    for x, y in micro_batches:
+    for batch in micro_batches:
+        # (x, y) windows of text, or (x, y, segments) when packed dialogs are in the batch: y is IGNORE (-100,
+        # cross_entropy's ignore_index) where a position carries no loss, and the mean is over the rest.
+        x, y, *segments = batch
         with autocast():
-            logits = model(x)
+            logits = model(x, segments=segments[0] if segments else None)
         # The loss in float32 whatever the autocast dtype of the logits: bf16 log-softmax loses ~2 digits.
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / len(micro_batches)
         loss.backward()
@@ -140,13 +144,40 @@ def evaluate_loss(model: Transformer, tokens: np.ndarray, seq_len: int, batch_si
     return ranks.sum([total])[0] / (count * seq_len)
 
 
+@torch.no_grad()
+def evaluate_rows(model: Transformer, rows: Rows, batch_size: int, batches: int, device: torch.device,
+                  autocast=contextlib.nullcontext, ranks: Ranks = Ranks()) -> float:
+    """Mean loss per target token over the first ``batches × batch_size`` packed dialog rows (a fixed set),
+    split over the ranks as evaluate_loss splits windows."""
+    count = min(len(rows), batches * batch_size)
+    was_training = model.training
+    model.eval()
+    total, targets = 0.0, 0
+    for first in range(0, count, batch_size):
+        idx = list(range(first, min(count, first + batch_size)))
+        share = -(-len(idx) // ranks.world_size)
+        mine = idx[ranks.rank * share:(ranks.rank + 1) * share]
+        x, y, seg = rows.batch(mine or idx[:1], device)
+        with autocast():
+            logits = model(x, segments=seg)
+        if mine:
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            targets += int((y != IGNORE).sum())
+    model.train(was_training)
+    total, targets = ranks.sum([total, float(targets)])
+    return total / max(1.0, targets)
+
+
 def evaluate_mixture(model: Transformer, data: TrainingData, config: TrainConfig, device: torch.device,
                      autocast, ranks: Ranks) -> tuple[float, dict[str, float]]:
     """Validation loss of each source and their weighted mean (the mixture's objective)."""
     per_source, mean = {}, 0.0
     for name, weight, tokens, bos_id in data.val_sets():
-        loss = evaluate_loss(model, tokens, config.seq_len, config.batch_size, config.eval_batches, device,
-                             autocast, bos_id, ranks)
+        if isinstance(tokens, Rows):  # a dialog source: its packed validation rows, loss on assistant tokens
+            loss = evaluate_rows(model, tokens, config.batch_size, config.eval_batches, device, autocast, ranks)
+        else:
+            loss = evaluate_loss(model, tokens, config.seq_len, config.batch_size, config.eval_batches, device,
+                                 autocast, bos_id, ranks)
         per_source[name] = loss
         mean += weight * loss
     return mean, per_source
