@@ -130,6 +130,15 @@ def add_parser(sub, parser_class) -> None:
     p.add_argument("--plot", default=None, help="PNG (default: next to --output)")
     p.set_defaults(func=run)
 
+    p = evsub.add_parser("instruct-format", help="instruct models: share of greedy replies to held-out MBPP "
+                         "test prompts that end with eos and whose [PYTHON] block parses")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="mbpp.jsonl (its test split, task_ids 11-510, is used)")
+    p.add_argument("--limit", type=int, default=100, help="the first N test problems")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="token budget per reply")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=run)
+
     p = evsub.add_parser("evaluate", help="score an existing samples JSONL (task_id, completion per line)")
     p.add_argument("samples", help="samples JSONL")
     p.add_argument("--benchmark", default=None, choices=list(GENERATION_BENCHMARKS),
@@ -279,6 +288,10 @@ def run(args) -> None:
                                            ylabel="perplexity", logy=True,
                                            vline=llama.config.max_seq_len
                                            if max_length > llama.config.max_seq_len else None))]
+    elif bench == "instruct-format":
+        from .instruct_format import run_command
+        results = run_command(args, _load)
+        output = Path(args.output) if args.output else _default_output(bench, results["model"])
     else:
         raise CodeLlamaError(f"unknown benchmark {bench!r}")
     write_results(results, output)

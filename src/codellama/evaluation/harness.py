@@ -130,9 +130,10 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def extract_code(reply: str, entry_point: str | None = None) -> str:
-    """The code in an instruct model's reply: the first fenced block that defines ``entry_point`` (or the
-    first fenced block), else the reply itself."""
-    blocks = re.findall(r"```(?:[a-zA-Z0-9_+-]*)\n(.*?)(?:```|$)", reply, flags=re.S)
+    """The code in an instruct model's reply: the first ``[PYTHON] ... [/PYTHON]`` block (Code Llama -
+    Instruct's style) or fenced block that defines ``entry_point`` (or the first such block), else the reply."""
+    blocks = re.findall(r"\[PYTHON\]\n?(.*?)(?:\[/PYTHON\]|$)", reply, flags=re.S)
+    blocks += re.findall(r"```(?:[a-zA-Z0-9_+-]*)\n(.*?)(?:```|$)", reply, flags=re.S)
     if entry_point:
         for b in blocks:
             if re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", b):

@@ -67,8 +67,8 @@ def chat_program(problem: dict, code: str) -> str:
 
 
 def chat_message(problem: dict) -> str:
-    return ("Complete the following Python function. Reply with the whole function in one ```python code "
-            f"block.\n\n```python\n{problem['prompt'].strip()}\n```")
+    return ("Complete the following Python function. Reply with the whole function, between [PYTHON] and "
+            f"[/PYTHON] tags.\n\n```python\n{problem['prompt'].strip()}\n```")
 
 
 def problems(data: str | Path | None = None, *, chat: bool = False) -> list[Problem]:

@@ -84,8 +84,13 @@ def program(row: dict, code: str) -> str:
     return code + "\n" + (setup + "\n" if setup else "") + "\n".join(row["test_list"]) + "\n"
 
 
+# Code Llama - Instruct puts the code of an answer between [PYTHON] and [/PYTHON] (its self-instruct data does);
+# the instruct training data (codellama.instruct_data) asks for it in these same words.
+CODE_REQUEST = "Reply with the code only, between [PYTHON] and [/PYTHON] tags."
+
+
 def chat_message(row: dict) -> str:
-    return task_prompt(row) + "\nReply with the code only, in one ```python code block."
+    return task_prompt(row) + "\n" + CODE_REQUEST
 
 
 def test_rows(rows: dict[int, dict]) -> list[dict]:
