@@ -145,7 +145,8 @@ def test_bundled_recipes_load_and_match_the_repository():
     pinned = [line for line in (RECIPES_DIR / "tiny-pretrain-wide-corpus.txt").read_text().splitlines()
               if line and not line.startswith("#")]
     assert len(pinned) == len(wide.corpus) - 1 and all("==" in line for line in pinned)  # one pin per package
-    assert (pre.rope_theta, wide.rope_theta, lcft.rope_theta) == (10_000.0, 10_000.0, 1_000_000.0)
+    # (wide keeps the checkpoint's θ: rope_theta 0; LCFT raises it.)
+    assert (pre.rope_theta, wide.rope_theta, lcft.rope_theta) == (10_000.0, 0.0, 1_000_000.0)
     assert lcft.seq_len == 4 * pre.seq_len == 4 * wide.seq_len
     assert lcft.init_from == wide.out_dir and lcft.data_config() == wide.data_config()  # one prepared data set
     assert (pre.fim_rate, pre.fim_spm_rate, pre.beta1, pre.beta2, pre.weight_decay, pre.grad_clip) == \

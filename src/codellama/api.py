@@ -17,6 +17,19 @@ if TYPE_CHECKING:
     from .generation import Completion
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
+DEFAULT_INSTRUCT_DIR = Path(__file__).parent / "assets" / "default-instruct"
+# The embedded models, loadable by name: the base model (code training + LCFT) and its instruction-tuned version.
+BUNDLED_MODELS = {"default": DEFAULT_MODEL_DIR, "default-instruct": DEFAULT_INSTRUCT_DIR}
+
+
+def resolve_model_path(path: str | Path | None) -> str | Path | None:
+    """``"default"`` / ``"default-instruct"`` name an embedded model (unless a path of that name exists)."""
+    if isinstance(path, str) and path in BUNDLED_MODELS and not Path(path).exists():
+        bundled = BUNDLED_MODELS[path]
+        if not (bundled / "params.json").is_file():
+            raise CodeLlamaError(f"the embedded model {path!r} is not installed; pass a checkpoint path")
+        return bundled
+    return path
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -161,6 +174,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
         if not (DEFAULT_MODEL_DIR / "params.json").is_file():
             raise CodeLlamaError("the embedded default model is not installed; pass a checkpoint path")
         path = DEFAULT_MODEL_DIR
+    path = resolve_model_path(path)
     dev = resolve_device(device)
     if quantize is not None and str(path).lower().endswith(".gguf"):
         # Re-quantized tensor by tensor as it is decoded: never the whole model in float.
@@ -175,5 +189,5 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
             raise CodeLlamaError(f"{path} is already quantized; load it without quantize=")
         quantize_model(model, quantize, group_size)
     tok = load_tokenizer(path, tokenizer)
-    name = "default" if Path(path) == DEFAULT_MODEL_DIR else Path(path).name
+    name = next((n for n, d in BUNDLED_MODELS.items() if Path(path) == d), Path(path).name)
     return CodeLlama(model, tok, name=model.config.name or name)

@@ -128,10 +128,11 @@ def _generation_kwargs(args) -> dict:
 def _trained_context(path) -> int | None:
     """The context the checkpoint's config declares, read from its headers (None if they cannot be read:
     loading will then say why)."""
-    from .api import DEFAULT_MODEL_DIR
+    from .api import DEFAULT_MODEL_DIR, resolve_model_path
     from .checkpoint import describe_checkpoint
     try:
-        return describe_checkpoint(path if path is not None else DEFAULT_MODEL_DIR)["config"].max_seq_len
+        return describe_checkpoint(resolve_model_path(path) if path is not None
+                                   else DEFAULT_MODEL_DIR)["config"].max_seq_len
     except (CodeLlamaError, OSError, KeyError, ValueError):
         return None
 
@@ -271,6 +272,10 @@ def cmd_chat(args) -> None:
     message = None if interactive else _read_arg(args, args.message, "message")
     if message is not None and not message.strip():
         raise CodeLlamaError("the message is empty")
+    if args.model is None:
+        from .api import DEFAULT_INSTRUCT_DIR
+        if (DEFAULT_INSTRUCT_DIR / "params.json").is_file():  # chat's default: the embedded Instruct model
+            args.model = "default-instruct"
     llama = load_for_generation(args)
     if message is not None:  # a refused message gets its one-line error, not a warning about the model first
         from .formats import chat_tokens

@@ -59,9 +59,12 @@ def source_tokenizer(config: TrainConfig, work_dir: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def _overrides(config: TrainConfig) -> dict[str, Any]:
-    # Continue from an earlier stage: keep its shape, change what the stage changes (LCFT: θ and length).
-    return {"rope_theta": config.rope_theta, "max_seq_len": config.seq_len, "name": config.name}
+def _overrides(config: TrainConfig, start: ModelConfig | dict[str, Any]) -> dict[str, Any]:
+    """Continue from an earlier stage: keep its shape, change what the stage changes. LCFT sets θ and a longer
+    context; a stage on shorter sequences (instruction tuning) keeps the checkpoint's context and θ."""
+    get = start.get if isinstance(start, dict) else lambda k: getattr(start, k)
+    return {"rope_theta": config.rope_theta or get("rope_theta"),
+            "max_seq_len": max(config.seq_len, get("max_seq_len")), "name": config.name}
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], where: Path, **overrides: Any) -> Transformer:
@@ -152,14 +155,14 @@ def _whole_model(config: TrainConfig, vocab_size: int, tokenizer_path: Path,
         return model
     src = Path(config.init_from).expanduser()
     if isinstance(source, dict):
-        model = model_from_checkpoint(source, src, **_overrides(config))
+        model = model_from_checkpoint(source, src, **_overrides(config, source["model_config"]))
     else:
         from ..checkpoint import load_model
         model = load_model(src, device="cpu", dtype=torch.float32)
         from ..quantize import is_quantized
         if is_quantized(model):  # a quantized checkpoint: train from its dequantized weights
             model = _dequantized(model)
-        for k, v in _overrides(config).items():
+        for k, v in _overrides(config, model.config).items():
             setattr(model.config, k, v)
         model.train()
     _check_vocabulary(model.config, src, tokenizer_path, vocab_size)
@@ -206,7 +209,7 @@ def sharded_model(config: TrainConfig, vocab_size: int, tokenizer_path: Path, so
     if isinstance(source, Path) and source.is_dir():
         from ..checkpoint import stream_checkpoint
         model_config, tensors = stream_checkpoint(source, torch.float32)
-        for k, v in _overrides(config).items():
+        for k, v in _overrides(config, model_config).items():
             setattr(model_config, k, v)
         _check_vocabulary(model_config, source, tokenizer_path, vocab_size)
         with torch.device("meta"):

@@ -46,8 +46,8 @@ class Sample:
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
-def read_dialogs(path: str | Path) -> list[list[Message]]:
-    """The dialogs of a JSONL file, each checked (roles, content strings, an assistant turn to learn from)."""
+def read_records(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, JSON value) of each non-empty line of a JSONL file; one-line errors for what is not."""
     path = Path(path).expanduser()
     try:
         if path.stat().st_size > MAX_DIALOG_FILE_BYTES:
@@ -55,16 +55,20 @@ def read_dialogs(path: str | Path) -> list[list[Message]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise CodeLlamaError(f"{path}: cannot read dialogs ({e.__class__.__name__}: {e})") from None
-    dialogs = []
+    records = []
     for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise CodeLlamaError(f"{path}:{n}: not JSON ({e})") from None
-        messages = record.get("messages") if isinstance(record, dict) else None
-        dialogs.append(_checked(messages, f"{path}:{n}"))
+        if line.strip():
+            try:
+                records.append((n, json.loads(line)))
+            except ValueError as e:
+                raise CodeLlamaError(f"{path}:{n}: not JSON ({e})") from None
+    return records
+
+
+def read_dialogs(path: str | Path) -> list[list[Message]]:
+    """The dialogs of a JSONL file, each checked (roles, content strings, an assistant turn to learn from)."""
+    dialogs = [_checked(record.get("messages") if isinstance(record, dict) else None, f"{path}:{n}")
+               for n, record in read_records(path)]
     if not dialogs:
         raise CodeLlamaError(f"{path}: no dialogs")
     return dialogs
@@ -89,11 +93,7 @@ def dialog_licences(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     out = []
     for p in paths:
         licences, sources = set(), set()
-        for line in Path(p).expanduser().read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line) if line.strip() else None
-            except ValueError:
-                continue
+        for _, record in read_records(p):
             if isinstance(record, dict):
                 licences.add(str(record.get("licence", "unstated")))
                 if "source" in record:

@@ -82,11 +82,8 @@ def source_configs(config: TrainConfig) -> list[SourceConfig]:
 def resolve_dialog_path(name: str) -> str:
     """A dialog file: ``instruct:NAME`` is one of the package's own (codellama/instruct_data/NAME.jsonl)."""
     if name.startswith("instruct:"):
-        bundled = Path(__file__).resolve().parents[1] / "instruct_data" / f"{name.removeprefix('instruct:')}.jsonl"
-        if not bundled.is_file():
-            known = sorted(p.stem for p in bundled.parent.glob("*.jsonl"))
-            raise CodeLlamaError(f"no bundled dialogs {name!r} (known: {', '.join('instruct:' + k for k in known)})")
-        return str(bundled)
+        from .. import instruct_data
+        return str(instruct_data.path(name))
     return str(Path(name).expanduser())
 
 

@@ -500,7 +500,8 @@ def model_shape(config: TrainConfig) -> tuple[ModelConfig, str]:
         return config.model_config(vocab), "recipe"
     src = Path(config.init_from).expanduser()
     mc, kind = _checkpoint_shape(src)
-    mc = replace(mc, max_seq_len=config.seq_len, rope_theta=config.rope_theta)
+    mc = replace(mc, max_seq_len=max(config.seq_len, mc.max_seq_len),
+                 rope_theta=config.rope_theta or mc.rope_theta)
     mc.name = mc.name or src.name
     return mc, f"init_from {kind}"
 

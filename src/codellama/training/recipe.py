@@ -51,7 +51,7 @@ class TrainConfig:
     # A data mixture (mixture.py): [[sources]] tables of name, corpus, weight and optional extensions; empty: one
     # source, ``corpus`` above (which a mixture ignores)
     sources: list[dict] = field(default_factory=list)
-    # ---- model (ignored when init_from is set, except rope_theta and seq_len)
+    # ---- model (ignored when init_from is set, except rope_theta and seq_len, which can change a checkpoint's)
     dim: int = 256
     n_layers: int = 6
     n_heads: int = 8
@@ -59,7 +59,7 @@ class TrainConfig:
     multiple_of: int = 32
     ffn_dim_multiplier: float = 0.0  # 0: none
     norm_eps: float = 1e-5
-    rope_theta: float = 10_000.0
+    rope_theta: float = 0.0  # 0: the starting checkpoint's θ (10,000 for a fresh model, Llama 2's)
     init_from: str = ""  # a training run directory or a checkpoint directory to continue from (LCFT)
     # ---- optimisation
     batch_size: int = 8
@@ -116,7 +116,7 @@ class TrainConfig:
         return ModelConfig(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
                            n_kv_heads=self.n_kv_heads or None, vocab_size=vocab_size, multiple_of=self.multiple_of,
                            ffn_dim_multiplier=self.ffn_dim_multiplier or None, norm_eps=self.norm_eps,
-                           rope_theta=self.rope_theta, max_seq_len=self.seq_len, name=self.name)
+                           rope_theta=self.rope_theta or 10_000.0, max_seq_len=self.seq_len, name=self.name)
 
 
 # ---- validation --------------------------------------------------------------------------------------------
@@ -128,8 +128,8 @@ MIN_VOCAB = 263
 _AT_LEAST_ONE = ("seq_len", "data_passes", "dim", "n_layers", "n_heads", "multiple_of", "batch_size",
                  "grad_accum", "max_steps", "eval_interval", "eval_batches", "ckpt_interval", "log_interval")
 _AT_LEAST_ZERO = ("doc_chars", "n_kv_heads", "warmup_steps", "num_threads", "lora_rank")
-_POSITIVE = ("lr", "norm_eps", "rope_theta", "lora_alpha")
-_NON_NEGATIVE = ("min_lr", "ffn_dim_multiplier", "weight_decay", "grad_clip")
+_POSITIVE = ("lr", "norm_eps", "lora_alpha")
+_NON_NEGATIVE = ("min_lr", "ffn_dim_multiplier", "weight_decay", "grad_clip", "rope_theta")
 _UNIT_INTERVAL = ("fim_rate", "fim_spm_rate")  # [0, 1]
 _BETAS = ("beta1", "beta2")  # [0, 1): beta = 1 never forgets, Adam's moments then stop tracking the gradient
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,4})?")
