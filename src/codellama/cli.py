@@ -144,6 +144,12 @@ def _add_eval(sub) -> None:
     add_parser(sub, _Parser)
 
 
+# ---- self-instruct ---------------------------------------------------------------------------------
+def _add_self_instruct(sub) -> None:
+    from .selfinstruct.command import add_parser  # the stages live there
+    add_parser(sub, _Parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -151,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version="codellama " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (add_info, add_convert, add_quantize, add_complete, add_infill, add_chat, _add_serve, _add_train,
-                _add_eval):
+                _add_eval, _add_self_instruct):
         add(sub)
     return parser
 

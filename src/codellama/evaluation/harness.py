@@ -129,6 +129,20 @@ def _progress(total: int, desc: str, enabled: bool):
                 leave=False)
 
 
+def consecutive_groups(items: Sequence, index, split: bool = True) -> list[list]:
+    """``items`` cut into runs whose ``index(item)`` goes up by exactly one (one run when not ``split``): the rows
+    of one seeded generation call draw seeds seed, seed + 1, ..., so a call may only hold consecutive samples."""
+    groups, cur = [], [items[0]]
+    for item in items[1:]:
+        if not split or index(item) == index(cur[-1]) + 1:
+            cur.append(item)
+        else:
+            groups.append(cur)
+            cur = [item]
+    groups.append(cur)
+    return groups
+
+
 def extract_code(reply: str, entry_point: str | None = None) -> str:
     """The code in an instruct model's reply: the first ``[PYTHON] ... [/PYTHON]`` block (Code Llama -
     Instruct's style) or fenced block that defines ``entry_point`` (or the first such block), else the reply."""
@@ -208,15 +222,7 @@ def _generate_batch(llama: "CodeLlama", kind: str, batch: list, settings: Genera
                       seed=None if settings.temperature == 0 else settings.seed + fits[0][0])
         # Sampling: row r of a call gets seed + r, so a call may only hold consecutive sample indices; split
         # the batch wherever they are not. Greedy needs no seed and batches freely.
-        groups, cur = [], [fits[0]]
-        for job in fits[1:]:
-            if common["seed"] is None or job[0] == cur[-1][0] + 1:
-                cur.append(job)
-            else:
-                groups.append(cur)
-                cur = [job]
-        groups.append(cur)
-        for group in groups:
+        for group in consecutive_groups(fits, lambda job: job[0], split=common["seed"] is not None):
             if common["seed"] is not None:
                 common["seed"] = settings.seed + group[0][0]
             stop = list(group[0][1].stop)

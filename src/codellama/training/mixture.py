@@ -356,7 +356,9 @@ def prepare_training_data(config: TrainConfig, log: Callable[[str], None],
     # sources are packed into rows of seq_len + 1, and depend on their files' contents.
     dialogs = {s.name: dialog_files_digest(s.dialogs) for s in sources if s.is_dialogs}
     key = json.dumps({"sources": [{**asdict(s), "weight": None if given else s.weight} for s in sources],
-                      "data": [asdict(d) for d in data_configs],
+                      # (each source's tokenizer is the shared one, however data_dir is spelled: its bytes are
+                      # in "tokenizer", or it is trained from what the key already holds)
+                      "data": [asdict(replace(d, tokenizer="shared")) for d in data_configs],
                       "tokenizer": given and hashlib.sha256(Path(given).read_bytes()).hexdigest(),
                       **({"dialogs": dialogs, "seq_len": config.seq_len} if dialogs else {})}, sort_keys=True)
     meta_path = data_dir / MIXTURE_META
