@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 import codellama
-from codellama.api import DEFAULT_MODEL_DIR
+from codellama.api import DEFAULT_INSTRUCT_DIR, DEFAULT_MODEL_DIR
+from codellama.cli_generate import looks_instruct
 from codellama.cli import main
 
 
@@ -50,3 +52,47 @@ def test_cli_complete_without_model(capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("def f") or len(captured.out) > 0
     assert "Traceback" not in captured.err
+
+
+# ---- default-instruct: the embedded model after tiny-instruct -------------------------------------------------
+SHARED_MBPP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
+
+
+@pytest.fixture(scope="module")
+def instruct():
+    return codellama.load("default-instruct")
+
+
+def test_default_instruct_is_shipped_and_loads_by_name(instruct):
+    for name in ("params.json", "tokenizer.model", "model.safetensors", "MODEL_CARD.md"):
+        assert (DEFAULT_INSTRUCT_DIR / name).is_file(), name
+    base = json.loads((DEFAULT_MODEL_DIR / "params.json").read_text())
+    assert json.loads((DEFAULT_INSTRUCT_DIR / "params.json").read_text()) == base  # the same shape, fine-tuned
+    assert (DEFAULT_INSTRUCT_DIR / "tokenizer.model").read_bytes() == (DEFAULT_MODEL_DIR / "tokenizer.model").read_bytes()
+    assert instruct.name == "default-instruct" and looks_instruct(instruct)
+
+
+def test_default_instruct_answers_in_python_tags(instruct):
+    reply = instruct.chat([{"role": "user", "content": "Write a Python function `square(x)` that returns x * x."}],
+                          max_new_tokens=96)
+    assert reply.finish_reason == "stop" and reply.text.lstrip().startswith("[PYTHON]")
+    assert "[/PYTHON]" in reply.text
+
+
+def test_chat_without_model_uses_default_instruct(capsys):
+    assert main(["chat", "Write a function that adds two numbers.", "--max-new-tokens", "64"]) == 0
+    captured = capsys.readouterr()
+    assert "[PYTHON]" in captured.out
+    assert "does not look like an Instruct model" not in captured.err
+
+
+@pytest.mark.skipif(not SHARED_MBPP.is_file(), reason="../shared/data/mbpp/mbpp.jsonl not present")
+def test_default_instruct_format_rates_on_held_out_mbpp_prompts(instruct, default):
+    """The model card's measurement, on the first 20 of its 100 held-out prompts (greedy, deterministic):
+    the instruction-tuned model ends its replies and writes parsing [PYTHON] blocks; the base model does not."""
+    from codellama.evaluation.instruct_format import held_out_prompts, instruct_format_report
+    prompts = held_out_prompts(SHARED_MBPP, limit=20)
+    tuned = instruct_format_report(instruct, prompts, 256)
+    base = instruct_format_report(default, prompts, 256)
+    assert tuned["eos_rate"] >= 0.85 and tuned["parse_rate"] >= 0.6
+    assert base["parse_rate"] <= 0.1 and base["eos_rate"] <= 0.3
