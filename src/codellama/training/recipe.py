@@ -356,6 +356,7 @@ def _resolve_file_relative_paths(path: Path, keys: dict[str, Any]) -> None:
         bundled = False
     if bundled:
         return
+
     def beside(value: Any) -> Any:
         if isinstance(value, str) and value and "\0" not in value and ":" not in value \
                 and not Path(value).expanduser().is_absolute():
@@ -365,7 +366,8 @@ def _resolve_file_relative_paths(path: Path, keys: dict[str, Any]) -> None:
     for key in _FILE_RELATIVE_KEYS:
         if isinstance(keys.get(key), str) and ":" not in keys[key]:
             keys[key] = beside(keys[key])
-    for source in keys.get("sources") or []:  # dialog files too ("instruct:NAME" is bundled data)
+    sources = keys.get("sources")
+    for source in sources if isinstance(sources, list) else []:  # dialog files too ("instruct:NAME": bundled)
         if isinstance(source, dict) and isinstance(source.get("dialogs"), list):
             source["dialogs"] = [beside(v) for v in source["dialogs"]]
 
