@@ -66,13 +66,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class CodeLlama:
     """A loaded model with its tokenizer. Generation methods live in ``generation.py`` and are bound here."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = ""):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "",
+                 kv_cache_dtype: str | None = None):
         if tokenizer.n_words > model.config.vocab_size:
             raise CodeLlamaError(f"tokenizer has {tokenizer.n_words} pieces but the model's vocabulary is "
                                  f"{model.config.vocab_size}: wrong tokenizer for this checkpoint")
+        from .generation_admission import resolve_kv_cache_dtype
+        resolve_kv_cache_dtype(kv_cache_dtype, model.output.weight.dtype)  # a bad value fails here, not later
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name or model.config.name
+        # The KV cache's storage for every complete/infill/chat (and a server's engine): None = the model's
+        # dtype, "int8" = int8 values with a bfloat16 scale per token and head (about half of bfloat16's bytes).
+        self.kv_cache_dtype = None if kv_cache_dtype == "auto" else kv_cache_dtype
 
     @property
     def config(self) -> ModelConfig:
@@ -164,11 +170,16 @@ class CodeLlama:
 
 def load(path: str | Path | None = None, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, tokenizer: str | Path | None = None,
-         max_seq_len: int | None = None, quantize: str | None = None, group_size: int = 32) -> CodeLlama:
+         max_seq_len: int | None = None, quantize: str | None = None, group_size: int = 32,
+         kv_cache_dtype: str | None = None) -> CodeLlama:
     """Load a checkpoint directory (Meta, native, HF or quantized layout) or a ``.gguf`` file; no path means
     the embedded default model. ``quantize="int8"|"int4"`` quantizes every linear layer weight-only
-    (int4 in groups of ``group_size``)."""
+    (int4 in groups of ``group_size``). ``kv_cache_dtype="int8"`` stores every generation's KV cache as int8
+    (None: the model's dtype)."""
     from .checkpoint import load_model, load_tokenizer
+    from .generation_admission import resolve_kv_cache_dtype
+
+    resolve_kv_cache_dtype(kv_cache_dtype, torch.float32)  # a bad value fails before the (slow) load
 
     if path is None:
         if not (DEFAULT_MODEL_DIR / "params.json").is_file():
@@ -190,4 +201,4 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
         quantize_model(model, quantize, group_size)
     tok = load_tokenizer(path, tokenizer)
     name = next((n for n, d in BUNDLED_MODELS.items() if Path(path) == d), Path(path).name)
-    return CodeLlama(model, tok, name=model.config.name or name)
+    return CodeLlama(model, tok, name=model.config.name or name, kv_cache_dtype=kv_cache_dtype)

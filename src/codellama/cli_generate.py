@@ -82,6 +82,8 @@ def _add_generation_options(p) -> None:
                    help="raise the model's context length (beyond the trained context quality drops)")
     p.add_argument("--quantize", default=None, choices=("int8", "int4"),
                    help="quantize linear weights on load (int4 in groups of 32)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=("auto", "int8"),
+                   help="KV cache storage: auto (the model's dtype, default) or int8 (about half of bf16's memory)")
     add_threads_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON result instead of streaming text")
     p.add_argument("--logprobs", action="store_true", help="include per-token logprobs in the --json output")
@@ -151,7 +153,8 @@ def load_for_generation(args, *, threads: bool = True):
                   "tokens); output past it degrades unless the model extrapolates (Code Llama: up to ~100k)",
                   file=sys.stderr)
     return load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                max_seq_len=args.max_seq_len, quantize=getattr(args, "quantize", None))
+                max_seq_len=args.max_seq_len, quantize=getattr(args, "quantize", None),
+                kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
 
 
 def _emit(llama, run, args, extra=None):

@@ -21,8 +21,9 @@ from .errors import CodeLlamaError
 from .formats import banned_ids, chat_tokens, infilling_tokens, require_infilling
 # Admission, the generation forward and the text stream live in their own modules; their names stay
 # importable from here, where callers (server, evaluation, tests) have always found them.
-from .generation_admission import (MEMORY_HEADROOM, _cgroup_available, _host_available,  # noqa: F401
-                                   available_memory, check_request, request_memory)
+from .generation_admission import (KV_CACHE_DTYPES, MEMORY_HEADROOM, _cgroup_available,  # noqa: F401
+                                   _host_available, available_memory, check_request, request_memory,
+                                   resolve_kv_cache_dtype)
 from .generation_forward import (ATTENTION_MASK_ENTRIES, PACK_LIMIT_BYTES, PACKED_ROW_BUCKET,  # noqa: F401
                                  Decoder, _attention_blocks, _block_mask, _packed_linear, _packing_works,
                                  can_pack, decoder_for, forward_step, pack_bytes, packed_now, will_pack)
@@ -120,7 +121,7 @@ def accept_token(request: Request, token: int, logprob: float | None = None) -> 
 
 # ==== the engine ====================================================================================
 def run(model: Transformer, requests: list[Request], *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        pack: bool | None = None) -> Iterator[list[tuple[int, int]]]:
+        pack: bool | None = None, kv_cache_dtype: str | torch.dtype | None = None) -> Iterator[list[tuple[int, int]]]:
     """Generate for ``requests`` together; yields after each step the ``(index, token)`` pairs appended.
 
     Prompts are left-padded to a common length so every row's next token is in the same slot; per-row
@@ -128,25 +129,27 @@ def run(model: Transformer, requests: list[Request], *, prefill_chunk: int = DEF
     the padding, so each row's result equals running it alone. The KV cache holds exactly
     ``longest prompt + max_new_tokens - 1`` slots per row. Checks (context, memory) run before the first
     ``next()`` returns anything and before allocating. Requests finished by the caller between steps stop
-    producing tokens. ``pack`` chooses oneDNN-packed weights on CPU (see ``will_pack``)."""
+    producing tokens. ``pack`` chooses oneDNN-packed weights on CPU (see ``will_pack``). ``kv_cache_dtype="int8"``
+    stores the cache as int8 with a scale per token and head (``model.quantize_kv``); None keeps the model's dtype."""
+    kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, model.output.weight.dtype)
     for r in requests:
         validate_sampling(max_new_tokens=r.max_new_tokens)
     budgets, pack = check_request(model, [r.prompt for r in requests],
                                   max(r.max_new_tokens for r in requests), prefill_chunk, pack,
-                                  any(r.prompt_logprobs for r in requests))
+                                  any(r.prompt_logprobs for r in requests), kv_dtype)
     for r, b in zip(requests, budgets):
         r.max_new_tokens = min(r.max_new_tokens, b)
-    return _run(model, requests, prefill_chunk, pack)
+    return _run(model, requests, prefill_chunk, pack, kv_dtype)
 
 
 @torch.inference_mode()
 def _run(model: Transformer, requests: list[Request], prefill_chunk: int,
-         pack: bool) -> Iterator[list[tuple[int, int]]]:
+         pack: bool, kv_dtype: torch.dtype | None = None) -> Iterator[list[tuple[int, int]]]:
     device, dtype = model.output.weight.device, model.output.weight.dtype
     B = len(requests)
     P = max(len(r.prompt) for r in requests)
     cache = KVCache.allocate(model.config, B, P + max(r.max_new_tokens for r in requests) - 1,
-                             device=device, dtype=dtype)
+                             device=device, dtype=kv_dtype or dtype)
     pads = torch.tensor([P - len(r.prompt) for r in requests], device=device)
     tokens = torch.zeros(B, P, dtype=torch.long, device=device)
     for i, r in enumerate(requests):
@@ -240,17 +243,18 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop_ids: Sequence[int] = (), logprobs: bool = False, prompt_logprobs: bool = False,
              prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pack: bool | None = None,
-             **sampling_options: Any) -> list[GenerationResult]:
+             kv_cache_dtype: str | torch.dtype | None = None, **sampling_options: Any) -> list[GenerationResult]:
     """Generate for each token-id prompt (include the bos yourself); one result per prompt, in order.
 
     Greedy by default. With sampling, prompt ``i`` uses the random stream ``seed + i``, so its result does
     not depend on what else is in the batch. ``sampling_options`` are further ``SamplingParams`` fields
     (penalties, ``banned_ids``). At this token level ``max_new_tokens`` is capped to what is left of the
-    context (finish_reason "length"), as in Meta's reference; the text API refuses such a request instead."""
+    context (finish_reason "length"), as in Meta's reference; the text API refuses such a request instead.
+    ``kv_cache_dtype="int8"`` keeps the KV cache in int8 (about half of bfloat16's bytes; see ``run``)."""
     requests = make_requests(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids, logprobs=logprobs,
                              prompt_logprobs=prompt_logprobs, **sampling_options)
-    for _ in run(model, requests, prefill_chunk=prefill_chunk, pack=pack):
+    for _ in run(model, requests, prefill_chunk=prefill_chunk, pack=pack, kv_cache_dtype=kv_cache_dtype):
         pass
     return [r.result() for r in requests]
 
@@ -328,7 +332,8 @@ def _generate_text(llama: "CodeLlama", jobs: list[_Job], *, batch: bool, max_new
         if job.banned:
             r.sampling = dataclasses.replace(r.sampling, banned_ids=tuple(sorted(set(r.sampling.banned_ids)
                                                                                  | set(job.banned))))
-    steps = run(llama.model, requests, prefill_chunk=prefill_chunk)
+    steps = run(llama.model, requests, prefill_chunk=prefill_chunk,
+                kv_cache_dtype=getattr(llama, "kv_cache_dtype", None))
     texts = [TextStream(j.decode, j.context, stops) for j in jobs]
     if stream:
         return _stream(jobs[0], requests[0], texts[0], steps, echo)

@@ -9,10 +9,25 @@ import torch
 
 from .errors import CodeLlamaError
 from .generation_forward import ATTENTION_MASK_ENTRIES, pack_bytes, will_pack
-from .model import Transformer
+from .model import Transformer, kv_bytes_per_token
+
+# Values of ``kv_cache_dtype`` (load / generate / serve): None or "auto" keeps the model's dtype (as always).
+KV_CACHE_DTYPES = {"int8": torch.int8}
 
 # Slack for allocator fragmentation and the framework itself when checking a request against free memory.
 MEMORY_HEADROOM = 256 * 2**20
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's storage dtype for ``kv_cache_dtype``: the model's dtype for None/"auto", int8 for "int8"."""
+    if kv_cache_dtype is None or kv_cache_dtype == "auto" or kv_cache_dtype == model_dtype:
+        return model_dtype
+    if kv_cache_dtype == torch.int8:
+        return torch.int8
+    if isinstance(kv_cache_dtype, str) and kv_cache_dtype in KV_CACHE_DTYPES:
+        return KV_CACHE_DTYPES[kv_cache_dtype]
+    raise CodeLlamaError(f"unknown kv_cache_dtype {kv_cache_dtype!r} (use 'int8', or None/'auto' for the "
+                         "model's dtype)")
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -63,11 +78,14 @@ def _cgroup_available() -> int | None:
 
 
 def request_memory(model: Transformer, batch: int, prompt_len: int, cache_len: int,
-                   prefill_chunk: int, prompt_logprobs: bool = False) -> dict[str, int]:
-    """Bytes a generation allocates beyond the weights: the KV cache and the largest prefill activations."""
+                   prefill_chunk: int, prompt_logprobs: bool = False,
+                   kv_cache_dtype: str | torch.dtype | None = None) -> dict[str, int]:
+    """Bytes a generation allocates beyond the weights: the KV cache (in ``kv_cache_dtype``: int8 counts its
+    values and scales) and the largest prefill activations."""
     c, dtype = model.config, model.output.weight.dtype
     item = torch.empty((), dtype=dtype).element_size()
-    kv = 2 * c.n_layers * batch * c.n_kv_heads * cache_len * c.head_dim * item
+    kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
+    kv = batch * cache_len * kv_bytes_per_token(c, kv_dtype)
     t = max(1, min(prefill_chunk, prompt_len))
     # One layer's live tensors for a chunk: residual, normed input, q/k/v (+ float32 RoPE copies),
     # the SwiGLU hidden pair; plus one attention block's bool mask and SDPA's float32 copy of it
@@ -76,16 +94,20 @@ def request_memory(model: Transformer, batch: int, prompt_len: int, cache_len: i
     hidden = batch * t * (6 * c.dim + 3 * c.ffn_hidden) * 4
     mask = 5 * min(batch * t * cache_len, ATTENTION_MASK_ENTRIES + batch * cache_len)
     logits = batch * (t if prompt_logprobs else 1) * c.vocab_size * 4 * 2
-    return {"kv_cache": kv, "activations": hidden + mask + logits}
+    # An int8 cache is read back dequantized: one layer's keys and values up to the cache's length at a time.
+    dequant = 2 * batch * c.n_kv_heads * cache_len * c.head_dim * item if kv_dtype == torch.int8 else 0
+    return {"kv_cache": kv, "activations": hidden + mask + logits + dequant}
 
 
 def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                   prefill_chunk: int, pack: bool | None = None,
-                  prompt_logprobs: bool = False) -> tuple[list[int], bool]:
+                  prompt_logprobs: bool = False,
+                  kv_cache_dtype: str | torch.dtype | None = None) -> tuple[list[int], bool]:
     """Validate prompts against the model's context and free memory; returns each prompt's token budget
     and whether to use packed weights (``will_pack``).
 
-    A prompt must leave room for one new token inside ``max_seq_len``; ``max_new_tokens`` is then capped to
+    ``kv_cache_dtype`` ("int8") sizes the KV cache as stored. A prompt must leave room for one new token inside
+    ``max_seq_len``; ``max_new_tokens`` is then capped to
     what is left of the context (finish_reason "length"), as Meta's reference does."""
     if not prompts:
         raise CodeLlamaError("no prompts given")
@@ -105,7 +127,7 @@ def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
         budgets.append(min(max_new_tokens, c.max_seq_len - len(p)))
     longest = max(len(p) for p in prompts)
     cache_len = longest + max(budgets) - 1  # the last sampled token is never fed back
-    need = request_memory(model, len(prompts), longest, cache_len, prefill_chunk, prompt_logprobs)
+    need = request_memory(model, len(prompts), longest, cache_len, prefill_chunk, prompt_logprobs, kv_cache_dtype)
     free = available_memory(model.output.weight.device)
     pack = will_pack(model, pack, need["kv_cache"])
     total = need["kv_cache"] + need["activations"] + pack_bytes(model, pack)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import KVCache, Transformer, apply_rope
+from .model import KVCache, Transformer, apply_rope, int8_chunk_kv, kv_rotation, rotate_kv
 
 # ==== the forward used for generation =================================================================
 # ``forward_step`` computes what ``Transformer.forward`` computes with a cache, minus per-call work that
@@ -236,19 +236,28 @@ def forward_step(model: Transformer, dec: Decoder, tokens: Tensor, positions: Te
         raise ValueError(f"KV cache holds {cache.size} tokens; {end} requested")
     cos, sin = rope[0][positions], rope[1][positions]  # [B, T, hd/2], from the table: no trig per step
     blocks = _attention_blocks(cache, B, T, padded, decode)
+    quantized = cache.k.dtype == torch.int8
+    rotation = kv_rotation(hd, tokens.device) if quantized else None
     h = model.tok_embeddings(tokens)
     for i, (layer, ops) in enumerate(zip(model.layers, dec.layers)):
         q, k, v = ops.qkv(layer.attention_norm(h))
         q = apply_rope(q.view(B, T, H, hd), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(B, T, KV, hd), cos, sin).transpose(1, 2)
         k_cache, v_cache = cache.k[i], cache.v[i]
-        k_cache[:, :, start:end] = k
-        v_cache[:, :, start:end] = v.view(B, T, KV, hd).transpose(1, 2)
+        if quantized:  # int8 cache (model.py): attention in the rotated basis, earlier slots dequantized
+            q = rotate_kv(q, rotation)
+            k_cache = int8_chunk_kv(k_cache, start, rotate_kv(k, rotation))
+            v_cache = int8_chunk_kv(v_cache, start, rotate_kv(v.view(B, T, KV, hd).transpose(1, 2), rotation))
+        else:
+            k_cache[:, :, start:end] = k
+            v_cache[:, :, start:end] = v.view(B, T, KV, hd).transpose(1, 2)
         outs = [F.scaled_dot_product_attention(
             q[:, :, b.rows], k_cache[:, :, :b.keys], v_cache[:, :, :b.keys], is_causal=b.causal,
             attn_mask=_block_mask(cache, b.rows, b.keys, padded) if b.lazy else b.mask, enable_gqa=KV != H)
             for b in blocks]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        if rotation is not None:
+            out = rotate_kv(out, rotation)
         h = h + ops.wo(out.transpose(1, 2).reshape(B, T, H * hd))
         h = h + ops.ffn(layer.ffn_norm(h))
     cache.length = end

@@ -43,13 +43,92 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
+# ---- int8 KV cache ----------------------------------------------------------------------------------
+# With ``dtype=torch.int8`` each cached key/value vector (one layer, batch row, kv head, token) is stored as
+# ``head_dim`` int8 values, symmetric absmax over head_dim (x ~= q * scale, scale = absmax / 127), followed by
+# its scale as the 2 bytes of a bfloat16 in the same int8 row: the tensors are [..., S, head_dim + 2]. Keeping the
+# scale in the row means every slice, copy or row swap of ``k``/``v`` (serving's per-row views, prefix-cache
+# moves) carries the scales with it. bfloat16 rather than float32 halves the scale's bytes (2 / (head_dim + 2))
+# at no cost in accuracy: the values are quantized with the stored (rounded) scale, so the error stays within
+# the usual half-step of int8 rounding, and bfloat16 has float32's exponent range (no overflow/underflow).
+#
+# Keys carry a few outlier channels (RoPE's low-frequency pairs: rms 4-6 against ~1.3 on the embedded model),
+# which set every token's absmax and leave the other channels ~40 levels. So an int8 cache stores keys and values
+# in a rotated basis: x @ R with R the orthonormal (Sylvester) Hadamard matrix of head_dim (a power of two; other
+# sizes are stored unrotated), which spreads the outliers over all channels before the absmax. Attention runs in
+# that basis — q @ R against the stored keys (R orthonormal: q.k = qR.kR), output @ R back (R is its own inverse)
+# — so reads cost nothing extra: only the chunk's new rows are rotated. Greedy agreement with the default cache
+# on held-out code went from 75% to 88% of prompts (32 tokens) with it.
+KV_SCALE_BYTES = 2
+_ROTATIONS: dict[tuple[int, torch.device], Tensor | None] = {}
+
+
+def kv_rotation(head_dim: int, device) -> Tensor | None:
+    """The float32 orthonormal Hadamard matrix [head_dim, head_dim] of an int8 cache (None if head_dim is not a
+    power of two). Symmetric and its own inverse."""
+    key = (head_dim, torch.device(device))
+    if key not in _ROTATIONS:
+        rot = None
+        if head_dim > 0 and head_dim & (head_dim - 1) == 0:
+            rot = torch.ones(1, 1)
+            while rot.shape[0] < head_dim:
+                rot = torch.cat([torch.cat([rot, rot], 1), torch.cat([rot, -rot], 1)], 0)
+            rot = (rot / math.sqrt(head_dim)).to(key[1])
+        _ROTATIONS[key] = rot
+    return _ROTATIONS[key]
+
+
+def rotate_kv(x: Tensor, rotation: Tensor | None) -> Tensor:
+    """x [..., head_dim] @ rotation, in float32, back in x's dtype (a no-op without a rotation)."""
+    return x if rotation is None else (x.float() @ rotation).to(x.dtype)
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take in a cache of ``dtype`` (int8: values plus their scales)."""
+    if dtype == torch.int8:
+        per_head = config.head_dim + KV_SCALE_BYTES
+    else:
+        per_head = config.head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * config.n_layers * config.n_kv_heads * per_head
+
+
+def quantize_kv(x: Tensor) -> Tensor:
+    """x [..., head_dim] -> int8 [..., head_dim + 2]: absmax-scaled values, then the bfloat16 scale's bytes."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / 127.0).to(torch.bfloat16)
+    sf = scale.float()
+    q = (xf / torch.where(sf > 0, sf, torch.ones_like(sf))).round_().clamp_(-127, 127).to(torch.int8)
+    return torch.cat([q, scale.view(torch.int8)], dim=-1)
+
+
+def dequantize_kv(packed: Tensor, dtype: torch.dtype) -> Tensor:
+    """int8 [..., head_dim + 2] (``quantize_kv``'s layout, any slice of a cache) -> [..., head_dim] in ``dtype``."""
+    hd = packed.shape[-1] - KV_SCALE_BYTES
+    scale = packed[..., hd:].view(torch.bfloat16)
+    if dtype == torch.float16:  # bfloat16's range exceeds float16's: multiply in float32
+        return (packed[..., :hd].float() * scale.float()).to(dtype)
+    return packed[..., :hd].to(dtype) * scale.to(dtype)
+
+
+def int8_chunk_kv(cache: Tensor, start: int, new: Tensor) -> Tensor:
+    """Store a chunk's keys (or values) ``new`` [B, KV, T, hd] in slots [start, start + T) of the int8 ``cache``
+    [B, KV, S, hd + 2], and return what the chunk attends to: the earlier slots dequantized, its own exact (as
+    vLLM's prefill attends to the fresh keys; everything after it reads them back from the cache)."""
+    cache[:, :, start:start + new.shape[2]] = quantize_kv(new)
+    if start == 0:
+        return new
+    return torch.cat([dequantize_kv(cache[:, :, :start], new.dtype), new], dim=2)
+
+
 @dataclass
 class KVCache:
     """Preallocated keys/values for a batch; slot ``j`` of every sequence holds the j-th token fed to it.
 
-    ``valid[b, j]`` is False for padding slots (left-padded prompts), which no real token may attend to."""
+    ``valid[b, j]`` is False for padding slots (left-padded prompts), which no real token may attend to.
+    An int8 cache (``allocate(..., dtype=torch.int8)``) holds rotated (``kv_rotation``), quantized rows with their
+    scales (``quantize_kv``); attention dequantizes the slots it reads to the compute dtype (``int8_chunk_kv``)."""
 
-    k: Tensor  # [n_layers, B, n_kv_heads, S, head_dim]
+    k: Tensor  # [n_layers, B, n_kv_heads, S, head_dim] (int8: head_dim + KV_SCALE_BYTES)
     v: Tensor
     valid: Tensor  # [B, S] bool
     length: int = 0
@@ -57,7 +136,8 @@ class KVCache:
     @classmethod
     def allocate(cls, config: ModelConfig, batch: int, size: int, *, device=None,
                  dtype: torch.dtype = torch.float32) -> "KVCache":
-        shape = (config.n_layers, batch, config.n_kv_heads, size, config.head_dim)
+        last = config.head_dim + KV_SCALE_BYTES if dtype == torch.int8 else config.head_dim
+        shape = (config.n_layers, batch, config.n_kv_heads, size, last)
         return cls(k=torch.zeros(shape, device=device, dtype=dtype),
                    v=torch.zeros(shape, device=device, dtype=dtype),
                    valid=torch.ones(batch, size, device=device, dtype=torch.bool))
@@ -66,7 +146,12 @@ class KVCache:
     def size(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def quantized(self) -> bool:
+        return self.k.dtype == torch.int8
+
     def nbytes(self) -> int:
+        """The bytes the keys and values hold (for int8: the values and their scales)."""
         return self.k.nbytes + self.v.nbytes
 
 
@@ -82,17 +167,26 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
         B, T, _ = x.shape
+        rotation = None
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k_cache, v_cache = cache
-            k_cache[:, :, start:start + T] = k
-            v_cache[:, :, start:start + T] = v
-            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
+            if k_cache.dtype == torch.int8:  # in the rotated basis; earlier slots are read back dequantized
+                rotation = kv_rotation(self.head_dim, x.device)
+                q = rotate_kv(q, rotation)
+                k = int8_chunk_kv(k_cache, start, rotate_kv(k, rotation))
+                v = int8_chunk_kv(v_cache, start, rotate_kv(v, rotation))
+            else:
+                k_cache[:, :, start:start + T] = k
+                v_cache[:, :, start:start + T] = v
+                k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and start == 0,
             enable_gqa=self.n_kv_heads != self.n_heads)
+        if rotation is not None:
+            out = rotate_kv(out, rotation)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -41,6 +41,8 @@ def create_app(llama, *, engine: Engine | None = None, config: ServerConfig | No
     """The FastAPI app serving ``llama``. The engine (created from ``engine_kwargs`` unless given) starts
     with the app's lifespan and stops with it."""
     config = config or ServerConfig(model_name=llama.name or "codellama")
+    if getattr(config, "kv_cache_dtype", None) is not None:
+        engine_kwargs.setdefault("kv_cache_dtype", config.kv_cache_dtype)
     engine = engine or Engine(llama, **engine_kwargs)
     serving = Serving(llama=llama, engine=engine, config=config, metrics=Metrics(engine))
 

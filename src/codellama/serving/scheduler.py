@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CodeLlamaError
-from ..generation import DEFAULT_PREFILL_CHUNK, _completion, accept_token, available_memory, decoder_for
-from ..model import KVCache, apply_rope, rope_angles
+from ..generation import (DEFAULT_PREFILL_CHUNK, _completion, accept_token, available_memory, decoder_for,
+                          resolve_kv_cache_dtype)
+from ..model import (KVCache, apply_rope, dequantize_kv, kv_bytes_per_token, kv_rotation, quantize_kv, rope_angles,
+                     rotate_kv)
 from ..sampling import adjust_logits, sample_row
 from .prefill import PREFILL_BUCKET, PrefillMixin
 from .prefix_cache import RowTable, exchange_rows
@@ -76,7 +78,8 @@ class Engine(PrefillMixin):
 
     def __init__(self, llama, *, max_batch_size: int = 16, max_queue: int = DEFAULT_MAX_QUEUE,
                  context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, pack: bool | None = None, threads: int | None = None):
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, pack: bool | None = None, threads: int | None = None,
+                 kv_cache_dtype: str | None = None):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise CodeLlamaError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         if not isinstance(max_queue, int) or max_queue < 0:
@@ -99,6 +102,10 @@ class Engine(PrefillMixin):
         self.stats = EngineStats()
         self._device = self.model.output.weight.device
         self._dtype = self.model.output.weight.dtype
+        # The KV cache's storage: the engine's own setting, else the loaded model's (load(kv_cache_dtype=...)).
+        if kv_cache_dtype is None:
+            kv_cache_dtype = getattr(llama, "kv_cache_dtype", None)
+        self._kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self._dtype)
         self._check_memory()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._rows: list[Sequence] = []  # active sequences; self._rows[i] lives in cache row i
@@ -148,7 +155,7 @@ class Engine(PrefillMixin):
         self._stop = False
         # The cache is allocated once: memory use is flat however many requests come and go.
         self._cache = KVCache.allocate(self.model.config, self.max_batch_size, self.context, device=self._device,
-                                       dtype=self._dtype)
+                                       dtype=self._kv_dtype)
         self._lens = torch.zeros(self.max_batch_size, dtype=torch.long, device=self._device)
         self._pads = torch.zeros(self.max_batch_size, dtype=torch.long, device=self._device)
         self._table.reset()
@@ -203,9 +210,7 @@ class Engine(PrefillMixin):
 
     # ---- the engine thread ---------------------------------------------------------------------------
     def _check_memory(self) -> None:
-        c = self.model.config
-        item = torch.empty((), dtype=self._dtype).element_size()
-        kv = 2 * c.n_layers * self.max_batch_size * c.n_kv_heads * self.context * c.head_dim * item
+        kv = self.max_batch_size * self.context * kv_bytes_per_token(self.model.config, self._kv_dtype)
         free = available_memory(self._device)
         if free is not None and kv > free:
             raise CodeLlamaError(f"the KV cache for {self.max_batch_size} x {self.context} tokens needs "
@@ -302,6 +307,8 @@ class Engine(PrefillMixin):
         rope_pos = pos - pads
         cos, sin = self._rope[0][rope_pos].unsqueeze(1), self._rope[1][rope_pos].unsqueeze(1)  # [n, 1, hd/2]
         rows = torch.arange(n, device=self._device)
+        quantized = cache.k.dtype == torch.int8
+        rotation = kv_rotation(hd, self._device) if quantized else None
         h = self.model.tok_embeddings(tokens)
         for i, (layer, ops) in enumerate(zip(self.model.layers, dec.layers)):
             q, k, v = ops.qkv(layer.attention_norm(h))
@@ -310,9 +317,21 @@ class Engine(PrefillMixin):
             q = apply_rope(q.view(n, 1, H, hd), cos, sin).view(n, KV, H // KV, hd)
             k = apply_rope(k.view(n, 1, KV, hd), cos, sin)
             k_cache, v_cache = cache.k[i], cache.v[i]
-            k_cache[rows, :, pos] = k[:, 0]
-            v_cache[rows, :, pos] = v.view(n, KV, hd)
-            out = F.scaled_dot_product_attention(q, k_cache[:n, :, :keys], v_cache[:n, :, :keys], attn_mask=mask)
+            if quantized:  # int8 cache (model.py): in the rotated basis, the slots up to ``keys`` dequantized
+                q = rotate_kv(q, rotation)
+                k_new, v_new = rotate_kv(k[:, 0], rotation), rotate_kv(v.view(n, KV, hd), rotation)
+                k_cache[rows, :, pos] = quantize_kv(k_new)
+                v_cache[rows, :, pos] = quantize_kv(v_new)
+                keys_ = dequantize_kv(k_cache[:n, :, :keys], q.dtype)
+                values = dequantize_kv(v_cache[:n, :, :keys], q.dtype)
+                keys_[rows, :, pos], values[rows, :, pos] = k_new, v_new  # a token sees itself exactly, as solo
+            else:
+                k_cache[rows, :, pos] = k[:, 0]
+                v_cache[rows, :, pos] = v.view(n, KV, hd)
+                keys_, values = k_cache[:n, :, :keys], v_cache[:n, :, :keys]
+            out = F.scaled_dot_product_attention(q, keys_, values, attn_mask=mask)
+            if rotation is not None:
+                out = rotate_kv(out, rotation)
             h = h + ops.wo(out.reshape(n, 1, H * hd))
             h = h + ops.ffn(layer.ffn_norm(h))
         logits = dec.output(self.model.norm(h)).float()[:, 0]

@@ -32,6 +32,10 @@ class ServerConfig:
     retry_after_s: int = 1
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # a request body must arrive within this (else 408)
     max_connections: int | None = DEFAULT_MAX_CONNECTIONS  # open connections + requests at once (else 503)
+    # The engine's KV cache storage (None: the model's dtype; "int8": about half of bfloat16's bytes). The engine
+    # is what allocates the cache: build it with Engine(..., kv_cache_dtype=...) or load(kv_cache_dtype=...),
+    # as ``codellama serve --kv-cache-dtype`` does; this field records it and checks the value.
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.body_timeout_s, (int, float)) and self.body_timeout_s > 0):
@@ -39,6 +43,11 @@ class ServerConfig:
         if self.max_connections is not None and (not isinstance(self.max_connections, int)
                                                  or self.max_connections < 1):
             raise CodeLlamaError(f"max connections must be an integer >= 1, got {self.max_connections!r}")
+        if self.kv_cache_dtype is not None:
+            import torch
+
+            from ..generation_admission import resolve_kv_cache_dtype
+            resolve_kv_cache_dtype(self.kv_cache_dtype, torch.float32)
 
 
 def _bind(host: str, port: int) -> socket.socket:
