@@ -3,7 +3,6 @@ estimate against autograd's saved tensors on a tiny model, check()'s refusals an
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess

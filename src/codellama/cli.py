@@ -95,6 +95,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="raise the model's context length")
     p.add_argument("--quantize", default=None, choices=("int8", "int4"), help="quantize linear weights on load")
+    p.add_argument("--kv-cache-dtype", default=None, choices=("auto", "int8"),
+                   help="KV cache storage: auto (the model's dtype, default) or int8 (about half of bf16's memory)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
 
@@ -123,10 +125,11 @@ def cmd_serve(args) -> None:
     if threads is None and not os.environ.get("OMP_NUM_THREADS"):
         threads = default_threads()
     engine = Engine(llama, max_batch_size=args.max_batch_size, max_queue=args.max_queue, context=args.context,
-                    threads=threads)
+                    threads=threads, kv_cache_dtype=llama.kv_cache_dtype)
     config = ServerConfig(model_name=args.name or llama.name or "codellama", api_key=args.api_key or None,
                           max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens,
-                          body_timeout_s=args.body_timeout, max_connections=args.max_connections)
+                          body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+                          kv_cache_dtype=llama.kv_cache_dtype)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -150,6 +153,12 @@ def _add_self_instruct(sub) -> None:
     add_parser(sub, _Parser)
 
 
+# ---- bench ---------------------------------------------------------------------------------------
+def _add_bench(sub) -> None:
+    from .bench.command import add_parser  # latency, predict
+    add_parser(sub, _Parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -157,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version="codellama " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (add_info, add_convert, add_quantize, add_complete, add_infill, add_chat, _add_serve, _add_train,
-                _add_eval, _add_self_instruct):
+                _add_eval, _add_self_instruct, _add_bench):
         add(sub)
     return parser
 

@@ -1,0 +1,1 @@
+"""`codellama bench`: measured and predicted inference latency, throughput and memory."""

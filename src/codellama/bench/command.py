@@ -1,0 +1,137 @@
+"""``codellama bench``: ``latency`` (measured, with the performance model's prediction beside every row) and
+``predict`` (the performance model alone, for any released shape on any hardware profile). ``cli.py`` only
+registers ``add_parser``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import CodeLlamaError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(float(v[:-1]) * 1000) if v.lower().endswith("k") else int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (1k = 1000), got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_parser(sub, parser_class) -> None:
+    bench = sub.add_parser("bench", help="latency and throughput as context grows, and the performance model")
+    cmds = bench.add_subparsers(dest="bench_command", metavar="COMMAND", parser_class=parser_class)
+    bench.set_defaults(func=_need_command)
+
+    p = cmds.add_parser("latency", help="time to first token and per output token at batch 1, per context length")
+    p.add_argument("--model", default="CodeLlama-7b",
+                   help="a released name (random weights at its exact shape) or a checkpoint path")
+    p.add_argument("--context", type=_ints, default=[1000, 4000, 16000], help="context lengths, e.g. 1k,16k,100k")
+    p.add_argument("--output-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16", "int8", "int4"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--layers", type=int, default=None,
+                   help="time a K-block slice at the exact dimensions and scale it to the whole depth")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--hardware", default=None, help="profile for the predicted column (default: local for cpu)")
+    p.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    p.set_defaults(func=cmd_latency)
+
+    p = cmds.add_parser("predict", help="predicted prefill, decode and memory for a shape on a hardware profile")
+    p.add_argument("--model", required=True, help="a released name, e.g. CodeLlama-34b")
+    p.add_argument("--context", type=int, required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16", "int8", "int4"])
+    p.add_argument("--kv-dtype", default=None, choices=["fp32", "bf16", "fp16", "int8"])
+    p.add_argument("--hardware", default="H100-SXM", help="A100-80GB, H100-SXM, H200 or local")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+
+def _need_command(args) -> None:
+    raise CodeLlamaError("bench needs a command: latency or predict (codellama bench --help)")
+
+
+def cmd_predict(args) -> None:
+    from ..config import ModelConfig
+    from .perf_model import predict
+
+    if args.context < 1 or args.batch < 1 or args.tp < 1:
+        raise CodeLlamaError("--context, --batch and --tp must be >= 1")
+    config = ModelConfig.from_name(args.model)
+    result = predict(config, args.context, batch=args.batch, dtype=args.dtype, hardware=args.hardware, tp=args.tp,
+                     kv_dtype=args.kv_dtype).to_json()
+    if args.json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"{key:>24}  {value}")
+
+
+def cmd_latency(args) -> None:
+    import torch
+
+    from ..api import DEFAULT_MODEL_DIR, resolve_device
+    from ..tokenizer import Tokenizer
+    from .latency import model_config, time_generation, time_shape
+    from .perf_model import predict
+    from .workload import multi_file_prompt
+
+    if args.output_tokens < 1 or args.repeats < 1:
+        raise CodeLlamaError("--output-tokens and --repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    hardware = args.hardware or ("local" if device.type == "cpu" else None)
+    tokenizer = Tokenizer(DEFAULT_MODEL_DIR / "tokenizer.model")
+    checkpoint = None
+    if Path(args.model).expanduser().exists():  # a real checkpoint, timed whole with its own tokenizer
+        from ..api import load
+        checkpoint = load(args.model, device=device, dtype=None if args.dtype in ("int8", "int4") else
+                          {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype],
+                          quantize=args.dtype if args.dtype in ("int8", "int4") else None)
+        tokenizer = checkpoint.tokenizer
+    rows = []
+    for context in args.context:
+        prompt = multi_file_prompt(tokenizer, context).tokens
+        if checkpoint is not None:
+            config = checkpoint.config
+            if context + args.output_tokens > config.max_seq_len:
+                raise CodeLlamaError(f"context {context} + {args.output_tokens} output tokens exceeds the "
+                                     f"checkpoint's {config.max_seq_len}")
+            timing, how = time_generation(checkpoint.model, prompt, args.output_tokens, args.repeats), \
+                {"method": "whole", "layers_timed": config.n_layers}
+        else:
+            config = model_config(args.model, context, args.output_tokens)
+            timing, how = time_shape(config, args.dtype, device, prompt, args.output_tokens, args.layers,
+                                     args.repeats)
+        row = {"model": args.model, "dtype": args.dtype, "device": str(device), **timing.to_json(), **how}
+        if hardware:
+            pred = predict(config, context, dtype=args.dtype, hardware=hardware)
+            row["predicted"] = {"prefill_s": pred.prefill_s, "decode_s_per_token": pred.decode_s_per_token}
+            row["measured_over_predicted"] = {"ttft": timing.ttft_s / pred.prefill_s,
+                                              "tpot": timing.tpot_s / pred.decode_s_per_token}
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            _print_row(row, header=len(rows) == 1)
+
+
+def _print_row(row: dict, header: bool) -> None:
+    if header:
+        print(f"{'model':>14} {'dtype':>5} {'context':>8} {'TTFT s':>9} {'TPOT ms':>9} {'e2e s':>8} "
+              f"{'pred TTFT':>9} {'pred TPOT':>9} {'meas/pred':>11} {'method':>7}")
+    pred = row.get("predicted")
+    ratio = row.get("measured_over_predicted")
+    print(f"{row['model']:>14} {row['dtype']:>5} {row['context']:>8} {row['ttft_s']:>9.3f} "
+          f"{row['tpot_s'] * 1000:>9.2f} {row['e2e_s']:>8.2f} "
+          + (f"{pred['prefill_s']:>9.3f} {pred['decode_s_per_token'] * 1000:>9.2f} "
+             f"{ratio['ttft']:>5.2f}/{ratio['tpot']:<5.2f}" if pred else f"{'-':>9} {'-':>9} {'-':>11}")
+          + f" {row['method']:>7}", file=sys.stdout, flush=True)

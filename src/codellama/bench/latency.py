@@ -1,0 +1,126 @@
+"""Latency at batch 1: time to first token (the prefill of the context), time per output token, end to end.
+
+Timing goes through the library's own generation engine (``generation.run``: chunked prefill into a KV cache, then
+greedy decoding), so the numbers are what ``complete`` gives a user. Models come by name, with random weights at
+the exact released shape (random weights time exactly like trained ones: the same shapes, the same kernels), or
+from a checkpoint.
+
+**Slices** (``layers=K``): a shape too large for the machine is timed as a K-block model at the exact dimensions
+plus a 0-block model (embedding, final norm, output head). Each block costs the same, so the whole model's time
+is ``head + n_layers · (slice − head) / K``. ``slice_check`` compares that with timing the whole model where the
+whole model fits."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import CodeLlamaError
+from ..model import Transformer
+
+DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
+
+
+@dataclass
+class Timing:
+    ttft_s: float  # prefill of the context and the first token
+    tpot_s: float  # median time per further output token
+    e2e_s: float  # ttft + (output_tokens - 1) · tpot
+    context: int
+    output_tokens: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def model_config(name_or_config: str | ModelConfig, context: int, output_tokens: int) -> ModelConfig:
+    config = ModelConfig.from_name(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    return replace(config, max_seq_len=max(config.max_seq_len, context + output_tokens))
+
+
+def random_model(config: ModelConfig, dtype: str, device: torch.device, seed: int = 0) -> Transformer:
+    """A model of ``config``'s shape with random weights in ``dtype`` (int8/int4: our weight-only quantization of
+    bf16 weights), built on the meta device and materialised directly on ``device``."""
+    if dtype not in DTYPES:
+        raise CodeLlamaError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    float_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(dtype, torch.bfloat16)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.init_weights()
+    model = model.to(float_dtype).eval()
+    if dtype in ("int8", "int4"):
+        from ..quantize import quantize_model
+        quantize_model(model, dtype)
+    return model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_generation(model: Transformer, prompt: list[int], output_tokens: int, repeats: int = 1) -> Timing:
+    """Median over ``repeats`` of TTFT and time per output token for one greedy request of ``prompt``."""
+    from ..generation import make_requests, run
+
+    device = model.output.weight.device
+    # Warm-up on a short prompt: first-call costs (kernel selection, weight packing) are not latency.
+    for _ in run(model, make_requests(model, [prompt[:64]], max_new_tokens=2)):
+        pass
+    ttfts, tpots = [], []
+    for _ in range(repeats):
+        requests = make_requests(model, [prompt], max_new_tokens=output_tokens)
+        steps = run(model, requests)
+        _sync(device)
+        t0 = time.perf_counter()
+        marks = []
+        for _ in steps:
+            _sync(device)
+            marks.append(time.perf_counter())
+        if not marks:
+            raise CodeLlamaError("the benchmark request produced no token")
+        ttfts.append(marks[0] - t0)
+        gaps = [b - a for a, b in zip(marks, marks[1:])]
+        tpots.append(statistics.median(gaps) if gaps else float("nan"))
+    ttft, tpot = statistics.median(ttfts), statistics.median(tpots)
+    return Timing(ttft, tpot, ttft + max(0, output_tokens - 1) * tpot, len(prompt), output_tokens)
+
+
+def time_shape(config: ModelConfig, dtype: str, device: torch.device, prompt: list[int], output_tokens: int,
+               layers: int | None = None, repeats: int = 1) -> tuple[Timing, dict]:
+    """Time ``config`` whole, or (``layers`` = K) as a K-block slice scaled to ``config.n_layers``."""
+    if layers is None or layers >= config.n_layers:
+        model = random_model(config, dtype, device)
+        timing = time_generation(model, prompt, output_tokens, repeats)
+        del model
+        return timing, {"method": "whole", "layers_timed": config.n_layers}
+    if layers < 1:
+        raise CodeLlamaError(f"--layers must be >= 1, got {layers}")
+    parts = {}
+    for k in (layers, 0):
+        model = random_model(replace(config, n_layers=max(1, k)), dtype, device)
+        if k == 0:  # embedding, final norm and output head on their own (a config cannot say 0 blocks)
+            model.layers = torch.nn.ModuleList()
+        parts[k] = time_generation(model, prompt, output_tokens, repeats)
+        del model
+    head, block = parts[0], parts[layers]
+    scale = lambda h, s: h + config.n_layers * max(0.0, s - h) / layers  # noqa: E731
+    ttft, tpot = scale(head.ttft_s, block.ttft_s), scale(head.tpot_s, block.tpot_s)
+    timing = Timing(ttft, tpot, ttft + max(0, output_tokens - 1) * tpot, len(prompt), output_tokens)
+    return timing, {"method": "slice", "layers_timed": layers, "head": head.to_json(), "slice": block.to_json()}
+
+
+def slice_check(config: ModelConfig, dtype: str, device: torch.device, prompt: list[int], output_tokens: int,
+                layers: int, repeats: int = 3) -> dict:
+    """Whole-model timing against the scaled slice, for a shape that fits: the ratios say how good slicing is."""
+    whole, _ = time_shape(config, dtype, device, prompt, output_tokens, None, repeats)
+    sliced, info = time_shape(config, dtype, device, prompt, output_tokens, layers, repeats)
+    return {"whole": whole.to_json(), "sliced": sliced.to_json(), "layers_timed": layers,
+            "ttft_ratio": sliced.ttft_s / whole.ttft_s, "tpot_ratio": sliced.tpot_s / whole.tpot_s}

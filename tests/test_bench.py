@@ -1,0 +1,87 @@
+"""codellama bench: the multi-file workload, slice scaling arithmetic, and the latency command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from codellama.api import DEFAULT_MODEL_DIR
+from codellama.bench import latency
+from codellama.bench.latency import Timing, time_shape
+from codellama.bench.workload import multi_file_prompt, repository_files
+from codellama.cli import main
+from codellama.config import ModelConfig
+from codellama.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer(DEFAULT_MODEL_DIR / "tokenizer.model")
+
+
+def test_workload_is_repository_context_of_exact_length(tokenizer):
+    for n in (100, 1000, 5000):
+        p = multi_file_prompt(tokenizer, n)
+        assert len(p.tokens) == n and p.tokens[0] == tokenizer.bos_id
+        text = tokenizer.decode(p.tokens[1:])
+        assert text.count("# ---- ") >= 2 and text.rstrip().endswith(f"# ---- {p.new_file} ----")
+        assert p.files[0] == repository_files()[0][0]
+    assert multi_file_prompt(tokenizer, 1000).tokens == multi_file_prompt(tokenizer, 1000).tokens  # deterministic
+
+
+def test_workload_from_a_given_repository(tokenizer, tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("def a():\n    return 1\n")
+    (tmp_path / "pkg" / "b.py").write_text("def b():\n    return 2\n")
+    p = multi_file_prompt(tokenizer, 200, root=tmp_path)
+    assert len(p.tokens) == 200 and p.files[:2] == ["pkg/a.py", "pkg/b.py"]  # repeated to reach the length
+
+
+def test_slice_scaling_is_head_plus_blocks(monkeypatch):
+    """head + n_layers · (slice − head) / K, for TTFT and TPOT, from the two timed models."""
+    seen = []
+
+    def fake_time(model, prompt, output_tokens, repeats=1):
+        blocks = len(model.layers)
+        seen.append(blocks)
+        return Timing(0.5 + 0.25 * blocks, 0.01 + 0.002 * blocks, 0.0, len(prompt), output_tokens)
+
+    monkeypatch.setattr(latency, "time_generation", fake_time)
+    config = ModelConfig(dim=64, n_layers=12, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=256)
+    timing, how = time_shape(config, "fp32", torch.device("cpu"), [1] * 32, 4, layers=3)
+    assert seen == [3, 0] and how["method"] == "slice" and how["layers_timed"] == 3
+    assert timing.ttft_s == pytest.approx(0.5 + 12 * 0.25)
+    assert timing.tpot_s == pytest.approx(0.01 + 12 * 0.002)
+    assert timing.e2e_s == pytest.approx(timing.ttft_s + 3 * timing.tpot_s)
+
+
+def test_timing_a_real_generation_is_positive_and_counts_tokens(tokenizer):
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=4096, max_seq_len=512)
+    model = latency.random_model(config, "fp32", torch.device("cpu"))
+    prompt = multi_file_prompt(tokenizer, 200).tokens
+    t = latency.time_generation(model, prompt, 8)
+    assert t.ttft_s > 0 and t.tpot_s > 0 and t.context == 200 and t.output_tokens == 8
+    q = latency.random_model(config, "int8", torch.device("cpu"))
+    assert latency.time_generation(q, prompt, 4).tpot_s > 0
+
+
+def test_bench_latency_cli_on_a_checkpoint(capsys):
+    code = main(["bench", "latency", "--model", str(DEFAULT_MODEL_DIR), "--context", "256,512", "--output-tokens",
+                 "4", "--dtype", "fp32", "--json"])
+    assert code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["context"] for r in rows] == [256, 512]
+    assert all(r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["method"] == "whole" for r in rows)
+    assert all("measured_over_predicted" in r for r in rows)
+
+
+def test_bench_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "latency", "--context", "0"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error:")
+    assert main(["bench"]) == 2
+    assert "needs a command" in capsys.readouterr().err
+    assert main(["bench", "latency", "--model", str(DEFAULT_MODEL_DIR), "--context", "5000"]) == 2
+    assert "exceeds the checkpoint" in capsys.readouterr().err
