@@ -85,3 +85,26 @@ def test_bench_errors_are_one_line(capsys):
     assert "needs a command" in capsys.readouterr().err
     assert main(["bench", "latency", "--model", str(DEFAULT_MODEL_DIR), "--context", "5000"]) == 2
     assert "exceeds the checkpoint" in capsys.readouterr().err
+
+
+def test_throughput_sweep_through_the_serving_engine():
+    import codellama
+    from codellama.bench.throughput import sweep
+    llama = codellama.load()
+    text = llama.tokenizer.decode(multi_file_prompt(llama.tokenizer, 96).tokens[1:])
+    rows = sweep(llama, text, [1, 3], output_tokens=6, rounds=2)
+    assert [(r.concurrency, r.requests, r.output_tokens) for r in rows] == [(1, 2, 12), (3, 6, 36)]
+    for r in rows:
+        assert r.tokens_per_s > 0 and r.requests_per_s > 0 and 0 < r.ttft_p50_s <= r.ttft_p90_s
+        assert 0 < r.tpot_p50_s <= r.tpot_p90_s <= r.tpot_p99_s
+
+
+def test_bench_predict_cli_json(capsys):
+    assert main(["bench", "predict", "--model", "CodeLlama-34b", "--context", "100000", "--hardware", "H100-SXM",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("prefill_s", "decode_s_per_token", "memory_bytes", "min_gpus"):
+        assert key in out
+    assert out["kv_bytes"] == 2 * 48 * 8 * 128 * 100_000 * 2 and out["min_gpus"] == 2
+    assert main(["bench", "predict", "--model", "CodeLlama-34b", "--context", "1000", "--hardware", "TPU"]) == 2
+    assert "error:" in capsys.readouterr().err

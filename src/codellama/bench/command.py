@@ -42,6 +42,20 @@ def add_parser(sub, parser_class) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
     p.set_defaults(func=cmd_latency)
 
+    p = cmds.add_parser("throughput", help="concurrency sweep through the serving engine: tokens/s, requests/s, "
+                        "TTFT and per-token latency percentiles")
+    p.add_argument("--model", default=None, help="a checkpoint path or released name (default: the embedded model)")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16", "int8", "int4"],
+                   help="for a released name (random weights)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8, 16])
+    p.add_argument("--context", type=int, default=512, help="prompt tokens (the multi-file workload)")
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2, help="requests per cache row")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_throughput)
+
     p = cmds.add_parser("predict", help="predicted prefill, decode and memory for a shape on a hardware profile")
     p.add_argument("--model", required=True, help="a released name, e.g. CodeLlama-34b")
     p.add_argument("--context", type=int, required=True)
@@ -55,7 +69,7 @@ def add_parser(sub, parser_class) -> None:
 
 
 def _need_command(args) -> None:
-    raise CodeLlamaError("bench needs a command: latency or predict (codellama bench --help)")
+    raise CodeLlamaError("bench needs a command: latency, throughput or predict (codellama bench --help)")
 
 
 def cmd_predict(args) -> None:
@@ -135,3 +149,41 @@ def _print_row(row: dict, header: bool) -> None:
           + (f"{pred['prefill_s']:>9.3f} {pred['decode_s_per_token'] * 1000:>9.2f} "
              f"{ratio['ttft']:>5.2f}/{ratio['tpot']:<5.2f}" if pred else f"{'-':>9} {'-':>9} {'-':>11}")
           + f" {row['method']:>7}", file=sys.stdout, flush=True)
+
+
+def cmd_throughput(args) -> None:
+    import torch
+
+    from ..api import CodeLlama, DEFAULT_MODEL_DIR, load, resolve_device
+    from ..tokenizer import Tokenizer
+    from .latency import model_config, random_model
+    from .throughput import sweep
+    from .workload import multi_file_prompt
+
+    if args.context < 16 or args.output_tokens < 1 or args.rounds < 1:
+        raise CodeLlamaError("--context must be >= 16, --output-tokens and --rounds >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.model is None or Path(args.model).expanduser().exists():
+        llama = load(args.model, device=device)
+    else:  # a released shape with random weights, the embedded tokenizer (its ids are valid in any vocabulary)
+        config = model_config(args.model, args.context, args.output_tokens)
+        llama = CodeLlama(random_model(config, args.dtype, device), Tokenizer(DEFAULT_MODEL_DIR / "tokenizer.model"),
+                          name=args.model)
+    prompt = multi_file_prompt(llama.tokenizer, args.context)
+    text = llama.tokenizer.decode(prompt.tokens[1:])
+
+    def show(row) -> None:
+        data = {"model": llama.name, "device": str(device), "context": args.context, **row.to_json()}
+        if args.json:
+            print(json.dumps(data), flush=True)
+            return
+        if row.concurrency == args.concurrency[0]:
+            print(f"{'conc':>5} {'requests':>8} {'tok/s':>9} {'req/s':>7} {'TTFT p50':>9} {'TTFT p90':>9} "
+                  f"{'TPOT p50 ms':>11} {'p90':>7} {'p99':>7}")
+        print(f"{row.concurrency:>5} {row.requests:>8} {row.tokens_per_s:>9.1f} {row.requests_per_s:>7.2f} "
+              f"{row.ttft_p50_s:>9.3f} {row.ttft_p90_s:>9.3f} {row.tpot_p50_s * 1000:>11.2f} "
+              f"{row.tpot_p90_s * 1000:>7.2f} {row.tpot_p99_s * 1000:>7.2f}", flush=True)
+
+    sweep(llama, text, args.concurrency, args.output_tokens, args.rounds, log=show)
