@@ -108,3 +108,23 @@ def test_bench_predict_cli_json(capsys):
     assert out["kv_bytes"] == 2 * 48 * 8 * 128 * 100_000 * 2 and out["min_gpus"] == 2
     assert main(["bench", "predict", "--model", "CodeLlama-34b", "--context", "1000", "--hardware", "TPU"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_bench_report_is_generated_with_plots_and_conclusions(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"model": "CodeLlama-34b", "dtype": "bf16", "context": 1000, "layers_timed": 1,
+                                "ttft_s": 2.0, "tpot_s": 0.5, "predicted": {"prefill_s": 1.8,
+                                                                             "decode_s_per_token": 0.45},
+                                "measured_over_predicted": {"ttft": 1.11, "tpot": 1.11}}) + "\n")
+    out = tmp_path / "docs" / "bench-report.md"
+    assert main(["bench", "report", "--out", str(out), "--measured", str(rows)]) == 0
+    text = out.read_text()
+    assert "## Conclusions" in text and "70B needs more GPUs than 34B" in text and "| 100,000 |" in text
+    assert "| CodeLlama-34b | bf16 | 1,000 | 1 | 2.00 | 1.80 | 1.11 |" in text
+    for name in ("bench-latency.png", "bench-prefill.png", "bench-memory.png", "bench-report.json"):
+        assert (out.parent / name).stat().st_size > 1000
+    data = json.loads((out.parent / "bench-report.json").read_text())
+    by = {(p["model"], p["hardware"], p["context"]): p for p in data["points"]}
+    assert by[("CodeLlama-70b", "H100-SXM", 100_000)]["gpus"] >= by[("CodeLlama-34b", "H100-SXM", 100_000)]["gpus"]
+    assert "report:" in capsys.readouterr().out

@@ -56,6 +56,12 @@ def add_parser(sub, parser_class) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_throughput)
 
+    p = cmds.add_parser("report", help="the 34B-vs-70B report: markdown + PNG plots (predicted, plus measured rows)")
+    p.add_argument("--out", default="docs/bench-report.md")
+    p.add_argument("--measured", default=None, metavar="ROWS.jsonl",
+                   help="rows from `codellama bench latency --json` to include (measured vs predicted)")
+    p.set_defaults(func=cmd_report)
+
     p = cmds.add_parser("predict", help="predicted prefill, decode and memory for a shape on a hardware profile")
     p.add_argument("--model", required=True, help="a released name, e.g. CodeLlama-34b")
     p.add_argument("--context", type=int, required=True)
@@ -69,7 +75,7 @@ def add_parser(sub, parser_class) -> None:
 
 
 def _need_command(args) -> None:
-    raise CodeLlamaError("bench needs a command: latency, throughput or predict (codellama bench --help)")
+    raise CodeLlamaError("bench needs a command: latency, throughput, predict or report (codellama bench --help)")
 
 
 def cmd_predict(args) -> None:
@@ -187,3 +193,18 @@ def cmd_throughput(args) -> None:
               f"{row.tpot_p90_s * 1000:>7.2f} {row.tpot_p99_s * 1000:>7.2f}", flush=True)
 
     sweep(llama, text, args.concurrency, args.output_tokens, args.rounds, log=show)
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    measured = None
+    if args.measured:
+        try:
+            measured = [json.loads(line) for line in Path(args.measured).read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as e:
+            raise CodeLlamaError(f"--measured {args.measured}: {e}") from None
+    data = write_report(args.out, measured)
+    print(f"report: {args.out}")
+    for line in data["conclusions"]:
+        print(f"- {line}")
