@@ -23,22 +23,11 @@ import time
 import torch
 
 import codellama
-from codellama.evaluation.long_context import default_perplexity_files
+from codellama.evaluation.long_context import cached_perplexity, default_perplexity_files
 from codellama.generation import generate
 from codellama.model import KVCache, kv_bytes_per_token
 
 
-@torch.inference_mode()
-def chunked_ppl(llama, tokens: list[int], dtype: torch.dtype, chunk: int) -> float:
-    ids = torch.tensor(tokens)
-    n = len(tokens) - 1
-    cache = KVCache.allocate(llama.config, 1, n, dtype=dtype)
-    total = 0.0
-    for start in range(0, n, chunk):
-        end = min(start + chunk, n)
-        logp = torch.log_softmax(llama.model(ids[start:end].unsqueeze(0), cache=cache)[0], dim=-1)
-        total -= logp.gather(1, ids[start + 1:end + 1].unsqueeze(1)).sum().item()
-    return math.exp(total / n)
 
 
 def decode_tok_s(llama, prompt: list[int], kv, new: int, repeats: int) -> float:
@@ -78,7 +67,7 @@ def main() -> None:
         dtype = torch.int8 if kv else llama.dtype
         cache = KVCache.allocate(c, 1, c.max_seq_len, dtype=dtype)
         assert cache.nbytes() == c.max_seq_len * kv_bytes_per_token(c, dtype)
-        ppls = [chunked_ppl(llama, t, dtype, args.chunk) for t in ppl_tokens]
+        ppls = [cached_perplexity(llama, t, dtype, args.chunk) for t in ppl_tokens]
         same = sum(generate(llama.model, [p], max_new_tokens=32, kv_cache_dtype=kv)[0].tokens == b
                    for p, b in zip(prompts, baseline))
         rows.append({"kv_cache": name, "kv_bytes_per_token": cache.nbytes() // c.max_seq_len,

@@ -7,7 +7,6 @@ batched left-padded generation, the server, memory admission and bad values."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from codellama import cli
 from codellama.api import CodeLlama
 from codellama.config import ModelConfig
 from codellama.errors import CodeLlamaError
-from codellama.evaluation.long_context import default_perplexity_files
+from codellama.evaluation.long_context import cached_perplexity, default_perplexity_files
 from codellama.generation import MEMORY_HEADROOM, generate, make_requests, request_memory, run
 from codellama.model import KV_SCALE_BYTES, KVCache, dequantize_kv, kv_bytes_per_token, quantize_kv
 
@@ -125,18 +124,6 @@ def test_greedy_output_equals_the_default_cache_for_32_tokens_on_most_held_out_p
     print(f"greedy agreement over 32 tokens: {sum(same)}/{len(same)} = {share:.0%}")
 
 
-@torch.inference_mode()
-def _chunked_ppl(llama: CodeLlama, tokens: list[int], dtype: torch.dtype, chunk: int = 256) -> float:
-    """Teacher-forced perplexity through the cache, prefilled ``chunk`` tokens at a time."""
-    ids = torch.tensor(tokens)
-    n = len(tokens) - 1
-    cache = KVCache.allocate(llama.config, 1, n, dtype=dtype)
-    total = 0.0
-    for start in range(0, n, chunk):
-        end = min(start + chunk, n)
-        logp = torch.log_softmax(llama.model(ids[start:end].unsqueeze(0), cache=cache)[0], dim=-1)
-        total -= logp.gather(1, ids[start + 1:end + 1].unsqueeze(1)).sum().item()
-    return math.exp(total / n)
 
 
 def test_perplexity_change_on_long_held_out_files_is_within_one_percent(llama, heldout_files):
@@ -144,8 +131,8 @@ def test_perplexity_change_on_long_held_out_files_is_within_one_percent(llama, h
     for f in heldout_files[:3]:
         tokens = llama.tokenizer.encode(f.read_text(), bos=True)[:llama.config.max_seq_len]
         assert len(tokens) == 1024
-        base = _chunked_ppl(llama, tokens, llama.dtype)
-        int8 = _chunked_ppl(llama, tokens, torch.int8)
+        base = cached_perplexity(llama, tokens, llama.dtype)
+        int8 = cached_perplexity(llama, tokens, torch.int8)
         changes.append((f.name, base, int8, (int8 - base) / base))
     report = ", ".join(f"{name}: {b:.3f} -> {q:.3f} ({d:+.3%})" for name, b, q, d in changes)
     assert all(abs(d) <= 0.01 for *_, d in changes), report

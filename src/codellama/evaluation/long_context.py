@@ -185,6 +185,23 @@ def resolve_files(data: str | Path | None, limit: int | None) -> list[Path]:
 
 
 @torch.inference_mode()
+@torch.inference_mode()
+def cached_perplexity(llama: "CodeLlama", tokens: Sequence[int], kv_dtype: torch.dtype, chunk: int = 256) -> float:
+    """Teacher-forced perplexity of ``tokens`` through a KV cache of ``kv_dtype`` (torch.int8: the int8 cache),
+    prefilled ``chunk`` tokens at a time, so later chunks attend to what the cache stored."""
+    from ..model import KVCache
+
+    ids = torch.tensor(list(tokens))
+    n = len(tokens) - 1
+    cache = KVCache.allocate(llama.config, 1, n, dtype=kv_dtype)
+    total = 0.0
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        logp = torch.log_softmax(llama.model(ids[start:end].unsqueeze(0), cache=cache)[0], dim=-1)
+        total -= logp.gather(1, ids[start + 1:end + 1].unsqueeze(1)).sum().item()
+    return math.exp(total / n)
+
+
 def token_nlls(llama: "CodeLlama", tokens: Sequence[int], chunk: int = 512) -> list[float]:
     """NLL of tokens[1:] given everything before, computed chunk by chunk through the KV cache."""
     from ..model import KVCache
