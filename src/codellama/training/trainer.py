@@ -15,6 +15,7 @@ resumes at any world size; rank 0 alone writes the log, the summary and the expo
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -245,8 +246,14 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
         torch.set_num_threads(config.num_threads)
     ranks, device = init_ranks(resolve_train_device(config.device))
     try:
-        return _train(config, resume, until_step, ranks, device, log if ranks.main else lambda s: None)
+        summary = _train(config, resume, until_step, ranks, device, log if ranks.main else lambda s: None)
+        ranks.barrier()  # a finished run: no rank tears its group down while another still talks to it
+        return summary
     finally:
+        # FSDP's modules and hooks form reference cycles that keep the process group alive; left to the
+        # interpreter's exit, gloo's worker threads can be torn down in the wrong order (an abort after a
+        # finished run). Free them, then destroy the group on every rank together.
+        gc.collect()
         close_ranks(ranks)
 
 
