@@ -9,6 +9,7 @@ ever holds the whole model; other starting points are small enough to build whol
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -52,8 +53,12 @@ def source_tokenizer(config: TrainConfig, work_dir: Path) -> Path | None:
         from ..gguf import load_gguf_tokenizer, read_gguf, tokenizer_proto_from_gguf
         load_gguf_tokenizer(src)  # refuses a vocabulary SentencePiece cannot use, in one line
         out = work_dir / "init-tokenizer.model"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(tokenizer_proto_from_gguf(read_gguf(src)))
+        proto = tokenizer_proto_from_gguf(read_gguf(src))
+        if not (out.is_file() and out.read_bytes() == proto):  # every rank calls this: never rewrite it under one
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(proto)
+            os.replace(tmp, out)
         return out
     candidate = src / "tokenizer.model"
     return candidate if candidate.is_file() else None

@@ -180,9 +180,10 @@ class Rows:
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x, y, segments) ``[len(rows), seq_len]``: y is the next token where it is a target of the same
         segment, IGNORE elsewhere."""
-        tok = torch.from_numpy(np.asarray(self.tokens[list(rows)], dtype=np.int64))
-        tgt = torch.from_numpy(np.asarray(self.targets[list(rows)], dtype=np.bool_))
-        seg = torch.from_numpy(np.asarray(self.segments[list(rows)], dtype=np.int64))
+        idx = list(rows)
+        tok = torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64))
+        tgt = torch.from_numpy(np.asarray(self.targets[idx], dtype=np.bool_))
+        seg = torch.from_numpy(np.asarray(self.segments[idx], dtype=np.int64))
         keep = tgt[:, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != PAD_SEGMENT)
         y = torch.where(keep, tok[:, 1:], torch.full_like(tok[:, 1:], IGNORE))
         out = tok[:, :-1], y, seg[:, :-1]

@@ -40,8 +40,8 @@ from .distributed import Ranks, check_divisible, close_ranks, full_state_dict, i
 from .distributed_checkpoint import (clear_distributed_checkpoints, load_distributed,
                                      read_distributed_state, restore_rng, save_distributed)
 from .instruct import IGNORE, Rows
-from .init_model import init_source, initial_model, model_from_run, sharded_model, source_tokenizer
-from .init_model import model_from_checkpoint  # noqa: F401 (API)
+from .init_model import (init_source, initial_model, model_from_checkpoint, model_from_run, sharded_model,
+                         source_tokenizer)
 from .mixture import TrainingData, prepare_training_data
 # The recipe API has always been importable from here (tests, benchmarks, notebooks).
 from .plan import memory_plan
@@ -117,14 +117,22 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer,
     return total, float(norm)
 
 
+def _rank_share(items, ranks: Ranks):
+    """This rank's part of one validation batch, and whether it counts. Every rank must run a forward (FSDP's
+    all-gathers are collectives): one whose share of a short last batch is empty computes the first item and
+    does not count it."""
+    share = -(-len(items) // ranks.world_size)
+    mine = items[ranks.rank * share:(ranks.rank + 1) * share]
+    return (mine, True) if len(mine) else (items[:1], False)
+
+
 @torch.no_grad()
 def evaluate_loss(model: Transformer, tokens: np.ndarray, seq_len: int, batch_size: int, batches: int,
                   device: torch.device, autocast=contextlib.nullcontext, bos_id: int | None = None,
                   ranks: Ranks = Ranks()) -> float:
     """Mean next-token loss over the first ``batches × batch_size`` windows of ``tokens`` (a fixed set); windows
-    start at documents when ``bos_id`` is given, as in training. Sharded, the ranks split each batch and sum
-    their losses; every rank runs the same number of forwards (FSDP's all-gathers are collectives), so one whose
-    share of a short last batch is empty computes a window it does not count."""
+    start at documents when ``bos_id`` is given, as in training. Sharded, the ranks split each batch
+    (``_rank_share``) and sum their losses."""
     starts = sequence_starts(tokens, seq_len, bos_id)
     count = min(len(starts), batches * batch_size)
     if count == 0:
@@ -134,12 +142,11 @@ def evaluate_loss(model: Transformer, tokens: np.ndarray, seq_len: int, batch_si
     total = 0.0
     for first in range(0, count, batch_size):
         rows = starts[first:min(count, first + batch_size)]
-        share = -(-len(rows) // ranks.world_size)
-        mine = rows[ranks.rank * share:(ranks.rank + 1) * share]
-        x, y = get_batch(tokens, mine if len(mine) else rows[:1], seq_len, device)
+        mine, counted = _rank_share(rows, ranks)
+        x, y = get_batch(tokens, mine, seq_len, device)
         with autocast():
             logits = model(x)
-        if len(mine):
+        if counted:
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
     model.train(was_training)
     return ranks.sum([total])[0] / (count * seq_len)
@@ -156,12 +163,11 @@ def evaluate_rows(model: Transformer, rows: Rows, batch_size: int, batches: int,
     total, targets = 0.0, 0
     for first in range(0, count, batch_size):
         idx = list(range(first, min(count, first + batch_size)))
-        share = -(-len(idx) // ranks.world_size)
-        mine = idx[ranks.rank * share:(ranks.rank + 1) * share]
-        x, y, seg = rows.batch(mine or idx[:1], device)
+        mine, counted = _rank_share(idx, ranks)
+        x, y, seg = rows.batch(mine, device)
         with autocast():
             logits = model(x, segments=seg)
-        if mine:
+        if counted:
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
             targets += int((y != IGNORE).sum())
     model.train(was_training)
