@@ -196,3 +196,32 @@ def test_cli_train_and_resume(base, tmp_path, capsys):
     assert main(["train", str(recipe), "--no-progress", "--resume"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 6 and Path(summary["export"]).joinpath("model.safetensors").is_file()
+
+
+def test_activation_checkpointing_gives_the_same_losses(base):
+    plain = replace(base, out_dir=base.out_dir + "-noac", max_steps=6, eval_interval=6, ckpt_interval=6)
+    ac = replace(plain, out_dir=base.out_dir + "-ac", activation_checkpointing=True)
+    train(plain, log=quiet)
+    train(ac, log=quiet)
+    a, b = [r["loss"] for r in read_log(plain.out_dir)], [r["loss"] for r in read_log(ac.out_dir)]
+    assert len(a) == 6 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
+
+
+def test_fine_tuning_starts_from_a_gguf_file_with_its_tokenizer(base, tmp_path):
+    pytest.importorskip("gguf")
+    from codellama.checkpoint import convert
+    from codellama.tokenizer import Tokenizer
+    pre = replace(base, out_dir=base.out_dir + "-gguf-src", max_steps=30, eval_interval=30, ckpt_interval=30)
+    summary = train(pre, log=quiet)
+    gguf = convert(summary["export"], tmp_path / "start.gguf", to="gguf", outtype="f32")
+    tuned = replace(base, out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), init_from=str(gguf),
+                    max_steps=4, eval_interval=4, ckpt_interval=4)
+    after = train(tuned, log=quiet)
+    # The data was tokenised with the tokenizer rebuilt from the GGUF metadata: the source run's pieces.
+    rebuilt = Tokenizer(Path(tuned.data_dir) / "tokenizer.model")
+    original = Tokenizer(Path(pre.out_dir) / "tokenizer.model")
+    assert rebuilt.n_words == original.n_words and all(
+        rebuilt.id_to_piece(i) == original.id_to_piece(i) for i in range(original.n_words))
+    first = read_log(tuned.out_dir)[0]["loss"]
+    assert first < math.log(384) - 0.5  # it continues the trained weights, not a fresh model
+    assert after["step"] == 4 and (Path(after["export"]) / "model.safetensors").is_file()
