@@ -20,6 +20,7 @@ from codellama.bench.perf_model import (
     kv_bytes,
     min_gpus,
     predict,
+    prefill_attention_pairs,
     prefill_flops,
     weight_bytes,
 )
@@ -189,7 +190,10 @@ def test_prefill_flops_and_superlinear_growth():
     assert times[1] / times[0] > 4.3 and times[2] / times[1] > 4.8  # the attention term is quadratic
     p = predict(C34, 16384, hardware="H100-SXM")
     assert p.prefill_bound == "compute"
-    assert p.prefill_s == pytest.approx(p.prefill_flops / (989e12 * 0.6), rel=1e-12)
+    # The kernels compute more pairs than causal attention needs (each later chunk's own triangle in full).
+    per_pair = 4 * 48 * 64 * 128
+    computed = p.prefill_flops + per_pair * (prefill_attention_pairs(16384) - 16384 * 16385 / 2)
+    assert p.prefill_s == pytest.approx(computed / (989e12 * 0.6), rel=1e-12)
 
 
 def test_tensor_parallel_halves_rank_time_and_adds_allreduce():
@@ -278,6 +282,27 @@ def test_probe_local_is_plausible_and_cached():
     fake = HardwareProfile("tiny-gpu", 2 ** 30, 1e11, {"bf16": 1e13})
     assert min_gpus(C7, 128, 1, "bf16", None, fake) is None  # no interconnect: no TP to spread 13.5 GB over
     assert min_gpus(small, 128, 1, "bf16", None, fake) == 1
+
+
+def test_prefill_attention_pairs_follow_the_chunked_engine():
+    from codellama.bench.perf_model import FLASH_KEY_BLOCK, PREFILL_CHUNK
+    from codellama.generation import DEFAULT_PREFILL_CHUNK
+
+    assert PREFILL_CHUNK == DEFAULT_PREFILL_CHUNK and FLASH_KEY_BLOCK == 512
+    # One causal chunk: T(T+1)/2 plus half a 512-key block per query on the diagonal.
+    assert prefill_attention_pairs(1000) == 1000 * 1001 / 2 + 1000 * 511 / 2 == 756_000
+    assert prefill_attention_pairs(100) == 100 * 101 / 2 + 100 * 99 / 2
+    # 4000 tokens: a causal chunk of 2048, then 1952 rows dense over all 4000 keys.
+    assert prefill_attention_pairs(4000) == 2048 * 2049 / 2 + 2048 * 511 / 2 + 1952 * 4000 == 10_429_440
+    assert prefill_attention_pairs(100_000) / (100_000 * 100_001 / 2) == pytest.approx(1.0201, abs=1e-4)
+    # The local profile rates those pairs with the masked-chunk kernel it measured.
+    cpu = HardwareProfile("toy-cpu", 2 ** 34, 1e10, {"fp32": 1e11, "bf16": 1e11, "int8": 1e11}, kind="cpu",
+                          efficiency={"bandwidth": 1.0, "flops": 1.0, "prefill_attention_fp32": 0.25})
+    p = predict(C7, 4000, dtype="fp32", hardware=cpu)
+    useful = 4 * 32 * 32 * 128 * 4000 * 4001 / 2
+    computed = 4 * 32 * 32 * 128 * 10_429_440
+    assert p.prefill_flops == pytest.approx(prefill_flops(C7, 4000, 1))
+    assert p.prefill_s == pytest.approx((p.prefill_flops - useful) / 1e11 + computed / 0.25e11, rel=1e-12)
 
 
 def test_probe_rejects_bad_arguments():

@@ -249,6 +249,17 @@ def test_perplexity_end_to_end(tiny_ckpt, tmp_path, capsys):
     assert math.isclose(math.log(res["metrics"]["perplexity"]),
                         sum(b["nll"] * b["tokens"] for b in res["bins"]) / 399, rel_tol=1e-9)
     assert Path(res["plots"][0]).read_bytes()[:8] == PNG_MAGIC
+    assert res["settings"]["kv_cache_dtype"] == "auto"
+    # The same files through the int8 KV cache: the flag reaches the cache, so the number moves, but only a little.
+    out8 = tmp_path / "ppl8.json"
+    code, _, err = _run(["eval", "perplexity", "--model", str(tiny_ckpt), "--data", str(src), "--max-length", "400",
+                         "--bin-size", "100", "--chunk", "64", "--no-progress", "--output", str(out8),
+                         "--kv-cache-dtype", "int8"], capsys)
+    assert code == 0, err
+    res8 = json.loads(out8.read_text())
+    assert res8["settings"]["kv_cache_dtype"] == "int8"
+    ratio = res8["metrics"]["perplexity"] / res["metrics"]["perplexity"]
+    assert ratio != 1.0 and abs(ratio - 1) < 0.01
 
 
 def test_compare_side_by_side(tmp_path, capsys):

@@ -36,6 +36,8 @@ def add_parser(sub, parser_class) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--layers", type=int, default=None,
                    help="time a K-block slice at the exact dimensions and scale it to the whole depth")
+    p.add_argument("--check-slice", action="store_true",
+                   help="with --layers: also time the whole model and print scaled-slice / whole ratios")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--hardware", default=None, help="profile for the predicted column (default: local for cpu)")
@@ -53,13 +55,14 @@ def add_parser(sub, parser_class) -> None:
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="requests per cache row")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--hardware", default=None, help="profile for the predicted column (default: local for cpu)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_throughput)
 
     p = cmds.add_parser("report", help="the 34B-vs-70B report: markdown + PNG plots (predicted, plus measured rows)")
     p.add_argument("--out", default="docs/bench-report.md")
-    p.add_argument("--measured", default=None, metavar="ROWS.jsonl",
-                   help="rows from `codellama bench latency --json` to include (measured vs predicted)")
+    p.add_argument("--measured", nargs="+", default=None, metavar="ROWS.jsonl",
+                   help="rows from `codellama bench latency|throughput --json` to include (measured vs predicted)")
     p.set_defaults(func=cmd_report)
 
     p = cmds.add_parser("predict", help="predicted prefill, decode and memory for a shape on a hardware profile")
@@ -99,12 +102,14 @@ def cmd_latency(args) -> None:
 
     from ..api import DEFAULT_MODEL_DIR, resolve_device
     from ..tokenizer import Tokenizer
-    from .latency import model_config, time_generation, time_shape
+    from .latency import model_config, slice_check, time_generation, time_shape
     from .perf_model import predict
     from .workload import multi_file_prompt
 
     if args.output_tokens < 1 or args.repeats < 1:
         raise CodeLlamaError("--output-tokens and --repeats must be >= 1")
+    if args.check_slice and (args.layers is None or Path(args.model).expanduser().exists()):
+        raise CodeLlamaError("--check-slice needs --layers K and a released model name (random weights)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -127,6 +132,21 @@ def cmd_latency(args) -> None:
                                      f"checkpoint's {config.max_seq_len}")
             timing, how = time_generation(checkpoint.model, prompt, args.output_tokens, args.repeats), \
                 {"method": "whole", "layers_timed": config.n_layers}
+        elif args.check_slice:
+            config = model_config(args.model, context, args.output_tokens)
+            check = slice_check(config, args.dtype, device, prompt, args.output_tokens, args.layers, args.repeats)
+            row = {"model": args.model, "dtype": args.dtype, "device": str(device), "context": context,
+                   "method": "slice-check", **check}
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(f"{args.model} {args.dtype} context {context}: {args.layers}-layer slice scaled / whole = "
+                      f"TTFT {check['ttft_ratio']:.3f} ({check['sliced']['ttft_s']:.3f} / "
+                      f"{check['whole']['ttft_s']:.3f} s), TPOT {check['tpot_ratio']:.3f} "
+                      f"({check['sliced']['tpot_s'] * 1000:.1f} / {check['whole']['tpot_s'] * 1000:.1f} ms)",
+                      flush=True)
+            continue
         else:
             config = model_config(args.model, context, args.output_tokens)
             timing, how = time_shape(config, args.dtype, device, prompt, args.output_tokens, args.layers,
@@ -163,7 +183,7 @@ def cmd_throughput(args) -> None:
     from ..api import CodeLlama, DEFAULT_MODEL_DIR, load, resolve_device
     from ..tokenizer import Tokenizer
     from .latency import model_config, random_model
-    from .throughput import sweep
+    from .throughput import predict_row, sweep
     from .workload import multi_file_prompt
 
     if args.context < 16 or args.output_tokens < 1 or args.rounds < 1:
@@ -179,31 +199,57 @@ def cmd_throughput(args) -> None:
                           name=args.model)
     prompt = multi_file_prompt(llama.tokenizer, args.context)
     text = llama.tokenizer.decode(prompt.tokens[1:])
+    hardware = args.hardware or ("local" if device.type == "cpu" else None)
+    dtype = _weights_dtype(llama.model)
 
     def show(row) -> None:
-        data = {"model": llama.name, "device": str(device), "context": args.context, **row.to_json()}
+        data = {"model": llama.name, "device": str(device), "context": args.context, "dtype": dtype,
+                **row.to_json()}
+        if hardware:
+            pred = predict_row(llama.config, hardware, dtype, args.context, row.concurrency, args.output_tokens,
+                               args.rounds)
+            data["predicted"] = pred
+            data["measured_over_predicted"] = {"tokens_per_s": row.tokens_per_s / pred["tokens_per_s"]}
         if args.json:
             print(json.dumps(data), flush=True)
             return
         if row.concurrency == args.concurrency[0]:
             print(f"{'conc':>5} {'requests':>8} {'tok/s':>9} {'req/s':>7} {'TTFT p50':>9} {'TTFT p90':>9} "
-                  f"{'TPOT p50 ms':>11} {'p90':>7} {'p99':>7}")
+                  f"{'TPOT p50 ms':>11} {'p90':>7} {'p99':>7} {'pred tok/s':>10} {'meas/pred':>9}")
+        pred = data.get("predicted")
         print(f"{row.concurrency:>5} {row.requests:>8} {row.tokens_per_s:>9.1f} {row.requests_per_s:>7.2f} "
               f"{row.ttft_p50_s:>9.3f} {row.ttft_p90_s:>9.3f} {row.tpot_p50_s * 1000:>11.2f} "
-              f"{row.tpot_p90_s * 1000:>7.2f} {row.tpot_p99_s * 1000:>7.2f}", flush=True)
+              f"{row.tpot_p90_s * 1000:>7.2f} {row.tpot_p99_s * 1000:>7.2f} "
+              + (f"{pred['tokens_per_s']:>10.1f} {data['measured_over_predicted']['tokens_per_s']:>9.2f}"
+                 if pred else f"{'-':>10} {'-':>9}"), flush=True)
 
     sweep(llama, text, args.concurrency, args.output_tokens, args.rounds, log=show)
+
+
+def _weights_dtype(model) -> str:
+    """The perf model's name for how ``model`` holds its weights: int8/int4 (our quantization) or the float dtype."""
+    from ..quantize import QuantLinear
+
+    modes = {m.mode for m in model.modules() if isinstance(m, QuantLinear)}
+    if modes:
+        return "int4" if "int4" in modes else "int8"
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[
+        str(model.output.weight.dtype).removeprefix("torch.")]
 
 
 def cmd_report(args) -> None:
     from .report import write_report
 
-    measured = None
-    if args.measured:
+    measured = []
+    for name in args.measured or []:
         try:
-            measured = [json.loads(line) for line in Path(args.measured).read_text().splitlines() if line.strip()]
+            measured += [json.loads(line) for line in Path(name).read_text().splitlines() if line.strip()]
         except (OSError, ValueError) as e:
-            raise CodeLlamaError(f"--measured {args.measured}: {e}") from None
+            raise CodeLlamaError(f"--measured {name}: {e}") from None
+    for row in measured:
+        if not isinstance(row, dict) or not ({"ttft_s", "concurrency", "ttft_ratio"} & set(row)):
+            raise CodeLlamaError("--measured rows must come from `codellama bench latency --json` or "
+                                 "`codellama bench throughput --json`")
     data = write_report(args.out, measured)
     print(f"report: {args.out}")
     for line in data["conclusions"]:

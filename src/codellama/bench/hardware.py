@@ -42,7 +42,8 @@ class HardwareProfile:
     # probe measures the kernels generation runs and adds, as ratios: "bandwidth_<d>" (weight bytes/s of a
     # one-row product, d in fp32/bf16/int8/int4, to bandwidth_bytes_s), "bandwidth_<d>_packed" and
     # "flops_<d>_packed" (generation's oneDNN-packed weights, to bandwidth / flops[d]), "attention_<d>" (a decode
-    # step's attention FLOP/s, to flops[d]). The predictor falls back to the plain keys where one is absent.
+    # step's attention FLOP/s, to flops[d]), "prefill_attention_<d>" (a masked prefill chunk's attention FLOP/s
+    # over the pairs it computes, to flops[d]). The predictor falls back to the plain keys where one is absent.
     efficiency: dict[str, float] = field(default_factory=lambda: dict(GPU_EFFICIENCY))
     kind: str = "gpu"  # "gpu" or "cpu": min_gpus is only answered for GPUs
     # Fixed host-side cost of one layer in a decode step (dispatching its ~40 small ops), whatever the shape;
@@ -114,7 +115,7 @@ def probe_local(threads: int | None = None, seconds: float = 2.0) -> HardwarePro
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        profile = _measure(torch, n, seconds / 20)  # 14 measurements share the time with their set-up
+        profile = _measure(torch, n, seconds / 24)  # 16 measurements share the time with their set-up
     finally:
         torch.set_num_threads(previous)
     _LOCAL[n] = profile
@@ -139,6 +140,7 @@ def _measure(torch, threads: int, budget: float) -> HardwareProfile:
     for name, dtype in floats:
         efficiency[f"bandwidth_{name}"] = _gemv_bandwidth(torch, dtype, budget) / read_bw
         efficiency[f"attention_{name}"] = _decode_attention_flops(torch, dtype, budget) / flops[name]
+        efficiency[f"prefill_attention_{name}"] = _prefill_attention_flops(torch, dtype, budget) / flops[name]
         if packed is not None:
             efficiency[f"bandwidth_{name}_packed"] = _gemv_bandwidth(torch, dtype, budget, packed) / read_bw
             efficiency[f"flops_{name}_packed"] = _matmul_flops(torch, dtype, budget, packed) / flops[name]
@@ -211,20 +213,37 @@ def _best_time(fn: Callable[[], object], budget: float) -> float:
 
 
 def _matmul_flops(torch, dtype, budget: float, packed=None) -> float:
-    # Grow a square matmul until one call takes a noticeable share of the budget, so slow dtypes (bf16 on CPUs
-    # without native support) stay within it and fast ones are measured on a prefill-like size.
-    n = 256
+    # A prefill-shaped product, as the model runs it (x @ W.T): token rows through a 4096 x 4096 weight; square or
+    # small products misstate the rate of the real ones by 10-20% on oneDNN. The rows double from 128 up to 1024
+    # while a call stays within a tenth of the budget, so a slow dtype or a single thread keeps to the budget.
+    k = n = 4096
+    w = torch.full((n, k), 0.5, dtype=dtype)
+    op = partial(torch.nn.functional.linear, weight=w) if packed is None else packed(w)
+    m = 128
     while True:
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        # Packed: generation's x @ W.T with W = b.T, on weights reordered once (outside the timing).
-        call = partial(torch.matmul, a, b) if packed is None else partial(packed(b.t().contiguous()), a)
+        x = torch.full((m, k), 0.5, dtype=dtype)
         start = time.perf_counter()
-        call()
-        if time.perf_counter() - start > budget / 20 or n >= 2048:
+        op(x)  # oneDNN picks (and for packed weights compiles) its kernel per row count on first use
+        if m >= 1024 or time.perf_counter() - start > budget / 10:
             break
-        n *= 2
-    return 2 * n ** 3 / _best_time(call, budget)
+        m *= 2
+    return 2 * m * k * n / _best_time(partial(op, x), budget)
+
+
+def _prefill_attention_flops(torch, dtype, budget: float) -> float:
+    # A later prefill chunk: 1024 queries against 2048 cached keys under a causal bool mask, 8 query heads sharing
+    # one KV head (GQA). Masked SDPA computes every query-key pair, so its rate is counted over all of them; the
+    # first, unmasked chunk runs the causal flash kernel at the same rate on the pairs it computes (the
+    # predictor counts those: perf_model.prefill_attention_pairs). CPU attention runs at a fifth of the matmul rate.
+    rows, keys, heads, hd = 1024, 2048, 8, 128
+    q = torch.full((1, heads, rows, hd), 0.01, dtype=dtype)
+    k = torch.full((1, 1, keys, hd), 0.01, dtype=dtype)
+    v = torch.full((1, 1, keys, hd), 0.01, dtype=dtype)
+    slots = torch.arange(keys)
+    mask = slots.unsqueeze(0) <= slots[keys - rows:].unsqueeze(1)
+    sdpa = partial(torch.nn.functional.scaled_dot_product_attention, q, k, v, attn_mask=mask, enable_gqa=True)
+    with torch.inference_mode():
+        return 4 * hd * heads * rows * keys / _best_time(sdpa, budget)
 
 
 def _gemv_bandwidth(torch, dtype, budget: float, packed=None) -> float:

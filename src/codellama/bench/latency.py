@@ -7,8 +7,10 @@ from a checkpoint.
 
 **Slices** (``layers=K``): a shape too large for the machine is timed as a K-block model at the exact dimensions
 plus a 0-block model (embedding, final norm, output head). Each block costs the same, so the whole model's time
-is ``head + n_layers · (slice − head) / K``. ``slice_check`` compares that with timing the whole model where the
-whole model fits."""
+is ``head + n_layers · (slice − head) / K``. Both parts run the kernels the whole model would: generation packs
+weights for oneDNN only while they are small (``generation_forward.will_pack``), which a slice often is and the whole
+model is not, so the slice is told the whole model's choice. ``slice_check`` compares the scaled slice with timing the whole model
+where the whole model fits."""
 
 from __future__ import annotations
 
@@ -66,18 +68,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_generation(model: Transformer, prompt: list[int], output_tokens: int, repeats: int = 1) -> Timing:
-    """Median over ``repeats`` of TTFT and time per output token for one greedy request of ``prompt``."""
+def whole_model_packs(config: ModelConfig, dtype: str, context: int, output_tokens: int) -> bool:
+    """Whether generation would pack the weights of the whole ``config`` for this request (``will_pack``'s default
+    rule: float weights of at most PACK_LIMIT_BYTES that outweigh the KV cache), on a CPU that can pack."""
+    from ..generation_forward import PACK_LIMIT_BYTES
+    from .perf_model import kv_bytes, weight_bytes
+
+    if dtype not in ("fp32", "bf16", "fp16"):
+        return False
+    weights = weight_bytes(config, dtype)
+    return weights <= PACK_LIMIT_BYTES and kv_bytes(config, context + output_tokens - 1, 1, dtype) <= weights
+
+
+def time_generation(model: Transformer, prompt: list[int], output_tokens: int, repeats: int = 1,
+                    pack: bool | None = None) -> Timing:
+    """Median over ``repeats`` of TTFT and time per output token for one greedy request of ``prompt``;
+    ``pack`` as ``generation.run``'s (None: its own choice for this model)."""
     from ..generation import make_requests, run
 
     device = model.output.weight.device
     # Warm-up on a short prompt: first-call costs (kernel selection, weight packing) are not latency.
-    for _ in run(model, make_requests(model, [prompt[:64]], max_new_tokens=2)):
+    for _ in run(model, make_requests(model, [prompt[:64]], max_new_tokens=2), pack=pack):
         pass
     ttfts, tpots = [], []
     for _ in range(repeats):
         requests = make_requests(model, [prompt], max_new_tokens=output_tokens)
-        steps = run(model, requests)
+        steps = run(model, requests, pack=pack)
         _sync(device)
         t0 = time.perf_counter()
         marks = []
@@ -103,18 +119,20 @@ def time_shape(config: ModelConfig, dtype: str, device: torch.device, prompt: li
         return timing, {"method": "whole", "layers_timed": config.n_layers}
     if layers < 1:
         raise CodeLlamaError(f"--layers must be >= 1, got {layers}")
+    pack = whole_model_packs(config, dtype, len(prompt), output_tokens) if device.type == "cpu" else None
     parts = {}
     for k in (layers, 0):
         model = random_model(replace(config, n_layers=max(1, k)), dtype, device)
         if k == 0:  # embedding, final norm and output head on their own (a config cannot say 0 blocks)
             model.layers = torch.nn.ModuleList()
-        parts[k] = time_generation(model, prompt, output_tokens, repeats)
+        parts[k] = time_generation(model, prompt, output_tokens, repeats, pack)
         del model
     head, block = parts[0], parts[layers]
     scale = lambda h, s: h + config.n_layers * max(0.0, s - h) / layers  # noqa: E731
     ttft, tpot = scale(head.ttft_s, block.ttft_s), scale(head.tpot_s, block.tpot_s)
     timing = Timing(ttft, tpot, ttft + max(0, output_tokens - 1) * tpot, len(prompt), output_tokens)
-    return timing, {"method": "slice", "layers_timed": layers, "head": head.to_json(), "slice": block.to_json()}
+    return timing, {"method": "slice", "layers_timed": layers, "packed": bool(pack), "head": head.to_json(),
+                    "slice": block.to_json()}
 
 
 def slice_check(config: ModelConfig, dtype: str, device: torch.device, prompt: list[int], output_tokens: int,

@@ -7,7 +7,9 @@ in Megatron-style TP; the KV cache split by KV head):
 - prefill (time to first token) = max(FLOPs / (peak x eff_flops), bytes / (bandwidth x eff_bandwidth)) + all-reduce.
   FLOPs = 2 x (matmul parameters of the layers) x T x B + 2 x vocab x dim x B (the output head runs on the last
   position only, as our generation does) + attention 2 x 2 x n_layers x n_heads x head_dim x T(T+1)/2 x B (QK^T and
-  PV, causal: each query sees the keys up to itself). Bytes = the weights streamed once + the KV cache written.
+  PV, causal: each query sees the keys up to itself). The time counts the attention pairs the kernels compute
+  (``prefill_attention_pairs``: generation prefills in 2048-token chunks, later chunks dense under a mask), at the
+  profile's attention rate. Bytes = the weights streamed once + the KV cache written.
 - decode (one step: one new token for each of the B sequences, after a cache of ``context`` tokens)
   = max(bytes / (bandwidth x eff_bandwidth), FLOPs / (peak x eff_flops)) + all-reduce, bytes = the weights
   streamed once (all but the embedding table, of which only B rows are read) + the KV cache read at that
@@ -55,6 +57,13 @@ INT4_GROUP_SIZE = 32  # quantize_model's default; rows that the group size does 
 # sequence, kv head, token) — 130 bytes per head-token against bf16's 256, i.e. 50.8%.
 KV_INT8_SCALE_BYTES = 2
 
+# Prefill runs in chunks (generation.DEFAULT_PREFILL_CHUNK): the first chunk through the causal flash kernel, each
+# later one against all the keys before it under a mask (SDPA then computes every query-key pair of the chunk).
+PREFILL_CHUNK = 2048
+# The causal flash kernel computes whole key blocks on the diagonal: PyTorch's CPU kernel splits keys by 512, so
+# each query pays for ~256 keys past itself on average. GPU kernels use 64-128 key blocks; at the long contexts
+# where attention matters there this is under 1% of the pairs, so one count serves both.
+FLASH_KEY_BLOCK = 512
 ALLREDUCE_LATENCY_S = 5e-6  # per all-reduce on NVLink: ~5 us for decode-sized messages with CUDA graphs
 MEMORY_RESERVE = 0.10  # per-rank headroom above weights + KV cache (activations, CUDA context, fragmentation)
 
@@ -126,6 +135,19 @@ def prefill_flops(config: ModelConfig, context: int, batch: int) -> float:
     return float(2 * layer_matmul * context * batch + 2 * head * batch + attention * batch)
 
 
+def prefill_attention_pairs(context: int, chunk: int = PREFILL_CHUNK, key_block: int = FLASH_KEY_BLOCK) -> float:
+    """Query-key pairs the attention kernels compute in a prefill of ``context`` tokens (per head and sequence):
+    the first chunk causal with whole diagonal key blocks, every later chunk dense over the keys before its end.
+    Above the T(T+1)/2 pairs causal attention needs: 25% at 2k context, 2.0% at 100k."""
+    _positive_int(context, "context")
+    first = min(context, chunk)
+    pairs = first * (first + 1) / 2 + first * (min(key_block, first) - 1) / 2
+    for start in range(first, context, chunk):
+        rows = min(chunk, context - start)
+        pairs += rows * (start + rows)
+    return float(pairs)
+
+
 def _decode_flops(config: ModelConfig, keys: float, batch: int) -> float:
     matmul = sum(n * k * count for n, k, count in _linear_shapes(config))
     attention = 2 * 2 * config.n_layers * config.n_heads * config.head_dim * keys
@@ -183,8 +205,9 @@ def predict(config: ModelConfig | str, context: int, batch: int = 1, dtype: str 
 
     # Prefill: FLOPs against peak, bytes against bandwidth; the larger wins (they overlap on real kernels).
     flops = prefill_flops(config, context, batch)
-    attention = attention_per_key * context * (context + 1) / 2 * batch
-    compute_s = ((flops - attention) / rates["matmul"] + attention / rates["prefill_attention"]) / tp
+    useful_attention = attention_per_key * context * (context + 1) / 2 * batch
+    attention = attention_per_key * prefill_attention_pairs(context) * batch  # what the kernels compute
+    compute_s = ((flops - useful_attention) / rates["matmul"] + attention / rates["prefill_attention"]) / tp
     memory_s = (weights - embedding + per_token_kv * context * batch) / tp / rates["weights"]
     prefill_s = max(compute_s, memory_s) + _allreduce_s(config, hw, tp, batch * context * config.dim * act_bytes)
     prefill_bound = "compute" if compute_s >= memory_s else "memory"
@@ -239,7 +262,7 @@ def _rates(hw: HardwareProfile, dtype: str, kv_dtype: str, packed: bool) -> dict
         "matmul": peak * flops_eff,
         "kv": hw.bandwidth_bytes_s * eff["bandwidth"],
         "decode_attention": attn_peak * eff.get(f"attention_{attn}", eff["flops"]),
-        "prefill_attention": attn_peak * eff["flops"],
+        "prefill_attention": attn_peak * eff.get(f"prefill_attention_{attn}", eff["flops"]),
     }
 
 
@@ -335,6 +358,8 @@ def _positive_int(value: Any, name: str, allow_zero: bool = False) -> None:
 
 __all__ = [
     "ALLREDUCE_LATENCY_S",
+    "FLASH_KEY_BLOCK",
+    "PREFILL_CHUNK",
     "KV_DTYPES",
     "KV_INT8_SCALE_BYTES",
     "MEMORY_RESERVE",
@@ -344,6 +369,7 @@ __all__ = [
     "kv_bytes",
     "min_gpus",
     "predict",
+    "prefill_attention_pairs",
     "prefill_flops",
     "weight_bytes",
 ]

@@ -22,6 +22,8 @@ MODELS = ("CodeLlama-34b", "CodeLlama-70b")
 GPUS = ("A100-80GB", "H100-SXM", "H200")
 CONTEXTS = (1_000, 4_000, 16_000, 32_000, 64_000, 100_000)
 KEY_CONTEXTS = (1_000, 16_000, 100_000)
+THROUGHPUT_CONTEXT = 16_000
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass
@@ -53,6 +55,58 @@ def predicted_points(dtype: str = "bf16") -> list[Point]:
                 points.append(Point(name, hw, context, gpus, pred.prefill_s, pred.decode_s_per_token * 1000,
                                     pred.memory_bytes / 1e9))
     return points
+
+
+@dataclass
+class BatchPoint:
+    model: str
+    hardware: str
+    batch: int
+    gpus: int
+    tokens_per_s: float  # decode tokens/s over the batch at THROUGHPUT_CONTEXT
+    decode_ms: float  # per-token latency each sequence sees
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.tokens_per_s / self.gpus
+
+
+def predicted_batches(dtype: str = "bf16", context: int = THROUGHPUT_CONTEXT) -> list[BatchPoint]:
+    """Decode throughput as the batch grows at ``context`` tokens each, on the fewest GPUs that hold the weights
+    and every sequence's KV cache; a batch that not even 8 GPUs hold ends the model's sweep."""
+    from .perf_model import min_gpus, predict
+
+    points = []
+    for name in MODELS:
+        config = ModelConfig.from_name(name)
+        for hw in GPUS:
+            for batch in BATCHES:
+                gpus = min_gpus(config, context, batch, dtype, None, hw)
+                if gpus is None:
+                    break
+                pred = predict(config, context, batch=batch, dtype=dtype, hardware=hw, tp=gpus)
+                points.append(BatchPoint(name, hw, batch, gpus, pred.decode_tokens_per_s,
+                                         pred.decode_s_per_token * 1000))
+    return points
+
+
+def _batch_table(points: list[BatchPoint]) -> list[str]:
+    lines = ["| hardware | batch | 34B GPUs | 34B tok/s | 34B tok/s/GPU | 70B GPUs | 70B tok/s | 70B tok/s/GPU | "
+             "per GPU 70B/34B |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for hw in GPUS:
+        for batch in BATCHES:
+            mine = {p.model: p for p in points if p.hardware == hw and p.batch == batch}
+            if not mine:
+                continue
+            cells = []
+            for model in MODELS:
+                p = mine.get(model)
+                cells += [str(p.gpus), f"{p.tokens_per_s:.0f}", f"{p.tokens_per_s_per_gpu:.0f}"] if p else \
+                    ["-", "does not fit 8 GPUs", "-"]
+            ratio = (f"{mine[MODELS[1]].tokens_per_s_per_gpu / mine[MODELS[0]].tokens_per_s_per_gpu:.2f}"
+                     if len(mine) == 2 else "-")
+            lines.append(f"| {hw} | {batch} | " + " | ".join(cells) + f" | {ratio} |")
+    return lines
 
 
 def _find(points: list[Point], model: str, hw: str, context: int) -> Point:
@@ -126,6 +180,80 @@ def _plots(points: list[Point], out_dir: Path) -> list[str]:
     return files
 
 
+def _throughput_plot(points: list[BatchPoint], out_dir: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for model, style in zip(MODELS, ("-", "--")):
+        for hw, color in zip(GPUS, ("tab:blue", "tab:orange", "tab:green")):
+            mine = [p for p in points if p.model == model and p.hardware == hw]
+            ax.plot([p.batch for p in mine], [p.tokens_per_s_per_gpu for p in mine], style, color=color,
+                    marker="o", label=f"{model[10:]} {hw}")
+            for p in mine:
+                ax.annotate(str(p.gpus), (p.batch, p.tokens_per_s_per_gpu), fontsize=6,
+                            textcoords="offset points", xytext=(0, 5))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"batch (sequences decoding together, {THROUGHPUT_CONTEXT // 1000}k context each)")
+    ax.set_ylabel("decode tokens/s per GPU")
+    ax.set_title("throughput vs batch (labels: GPUs used)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "bench-throughput.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _measured_latency(rows: list[dict]) -> list[str]:
+    text = ["## Measured on this machine (scaled `--layers` slices) against the prediction for it", "",
+            f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; rows from `codellama bench "
+            "latency --json`.", "",
+            "| model | dtype | context | layers timed | TTFT s | predicted | ratio | TPOT ms | predicted | ratio |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    nan = float("nan")
+    for r in rows:
+        pred = r.get("predicted") or {}
+        ratio = r.get("measured_over_predicted") or {}
+        text.append(f"| {r['model']} | {r['dtype']} | {r['context']:,} | {r.get('layers_timed')} | "
+                    f"{r['ttft_s']:.2f} | {pred.get('prefill_s', nan):.2f} | {ratio.get('ttft', nan):.2f} | "
+                    f"{r['tpot_s'] * 1000:.1f} | {pred.get('decode_s_per_token', nan) * 1000:.1f} | "
+                    f"{ratio.get('tpot', nan):.2f} |")
+    return text + [""]
+
+
+def _measured_slices(rows: list[dict]) -> list[str]:
+    text = ["## The `--layers` method checked against whole-model timing", "",
+            "Rows from `codellama bench latency --layers K --check-slice --json`: a model that fits timed whole, and "
+            "as a K-layer slice scaled to its depth.", "",
+            "| model | dtype | context | layers timed | TTFT whole s | TTFT scaled s | ratio | TPOT whole ms | "
+            "TPOT scaled ms | ratio |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        w, sl = r["whole"], r["sliced"]
+        text.append(f"| {r['model']} | {r['dtype']} | {r['context']:,} | {r['layers_timed']} | {w['ttft_s']:.2f} | "
+                    f"{sl['ttft_s']:.2f} | {r['ttft_ratio']:.2f} | {w['tpot_s'] * 1000:.1f} | "
+                    f"{sl['tpot_s'] * 1000:.1f} | {r['tpot_ratio']:.2f} |")
+    return text + [""]
+
+
+def _measured_throughput(rows: list[dict]) -> list[str]:
+    text = ["## Throughput measured on this machine through the serving engine", "",
+            "Rows from `codellama bench throughput --json`; the prediction is `bench.throughput.predict_row` on the "
+            "local profile.", "",
+            "| model | dtype | context | concurrency | requests | tok/s | predicted | ratio | req/s | TTFT p50 s | "
+            "TPOT p50 ms | TPOT p99 ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    nan = float("nan")
+    for r in rows:
+        pred = r.get("predicted") or {}
+        text.append(f"| {r['model']} | {r.get('dtype', '-')} | {r['context']:,} | {r['concurrency']} | "
+                    f"{r['requests']} | {r['tokens_per_s']:.1f} | {pred.get('tokens_per_s', nan):.1f} | "
+                    f"{(r.get('measured_over_predicted') or {}).get('tokens_per_s', nan):.2f} | "
+                    f"{r['requests_per_s']:.2f} | {r['ttft_p50_s']:.3f} | {r['tpot_p50_s'] * 1000:.1f} | "
+                    f"{r['tpot_p99_s'] * 1000:.1f} |")
+    return text + [""]
+
+
 def write_report(out: str | Path, measured: list[dict] | None = None) -> dict[str, Any]:
     """Write the markdown report (and its plots beside it); returns its data (also written as JSON)."""
     out = Path(out)
@@ -142,27 +270,30 @@ def write_report(out: str | Path, measured: list[dict] | None = None) -> dict[st
     text += [f"- {line}" for line in found] + [""]
     for hw in GPUS:
         text += [f"## {hw} (predicted)", ""] + _table(points, hw) + [""]
+    batches = predicted_batches()
+    plots.append(_throughput_plot(batches, out.parent))
+    text += [f"## Throughput vs batch at {THROUGHPUT_CONTEXT // 1000}k context (predicted)", "",
+             "Decode tokens/s once every sequence holds its context, each model on the fewest GPUs that hold the "
+             "weights and all the sequences' KV caches.", ""] + _batch_table(batches) + [""]
     text += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    if measured:
-        text += ["## Measured on this machine (scaled `--layers` slices) against the prediction for it", "",
-                 f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; rows from `codellama bench "
-                 "latency --json`.", "",
-                 "| model | dtype | context | layers timed | TTFT s | predicted | ratio | TPOT ms | predicted | ratio |",
-                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in measured:
-            pred = r.get("predicted") or {}
-            ratio = r.get("measured_over_predicted") or {}
-            text.append(f"| {r['model']} | {r['dtype']} | {r['context']:,} | {r.get('layers_timed')} | "
-                        f"{r['ttft_s']:.2f} | {pred.get('prefill_s', float('nan')):.2f} | {ratio.get('ttft', float('nan')):.2f} | "
-                        f"{r['tpot_s'] * 1000:.1f} | {pred.get('decode_s_per_token', float('nan')) * 1000:.1f} | "
-                        f"{ratio.get('tpot', float('nan')):.2f} |")
-        text.append("")
-    else:
+    measured = measured or []
+    latency_rows = [r for r in measured if "ttft_s" in r]
+    slice_rows = [r for r in measured if r.get("method") == "slice-check"]
+    throughput_rows = [r for r in measured if "concurrency" in r]
+    if latency_rows:
+        text += _measured_latency(latency_rows)
+    if slice_rows:
+        text += _measured_slices(slice_rows)
+    if throughput_rows:
+        text += _measured_throughput(throughput_rows)
+    if not measured:
         text += ["## Measured", "", "No measurements in this report. Run `codellama bench report --measured ROWS.jsonl` "
-                 "with rows from `codellama bench latency --json`. No GPU column: no GPU was available where this "
-                 "report was generated, so the GPU numbers are predicted.", ""]
+                 "with rows from `codellama bench latency --json` or `codellama bench throughput --json`.", ""]
+    text += ["## GPU measurements", "", "None: no GPU was available where this report was generated, so the GPU "
+             "numbers above are predicted.", ""]
     out.write_text("\n".join(text))
     data = {"points": [p.__dict__ | {"tokens_per_s_per_gpu": p.tokens_per_s_per_gpu} for p in points],
-            "conclusions": found, "measured": measured or []}
+            "batches": [p.__dict__ | {"tokens_per_s_per_gpu": p.tokens_per_s_per_gpu} for p in batches],
+            "conclusions": found, "measured": measured}
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     return data

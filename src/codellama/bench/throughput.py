@@ -4,7 +4,11 @@ For each concurrency ``c``, an engine with ``c`` cache rows serves ``c × rounds
 prompt, all submitted together, so ``c`` decode in each batched step and the rest queue. Per request we record
 time to first token (from submission, so queueing counts, as a client sees it) and the gaps between its tokens.
 Reported per concurrency: output tokens/s and requests/s over the wall time, TTFT and per-token latency p50/p90/p99.
-The sweep stops at the first concurrency whose KV cache does not fit (the engine refuses it at start)."""
+The sweep stops at the first concurrency whose KV cache does not fit (the engine refuses it at start).
+
+``predict_row`` is the performance model's figure for the same run: the engine prefills each newcomer alone and
+then decodes its rows together, so ``c × rounds`` requests take ``rounds × (c × prefill + (n − 1) × step(c))``
+with ``step(c)`` one decode step of ``c`` sequences at the mean cache length (``perf_model.predict``)."""
 
 from __future__ import annotations
 
@@ -96,6 +100,18 @@ def run_concurrency(llama, prompt_text: str, concurrency: int, output_tokens: in
     return ThroughputRow(concurrency, n, tokens, wall, tokens / wall, n / wall,
                          statistics.median(ttfts) if ttfts else float("nan"), _percentile(ttfts, 0.9),
                          _percentile(gaps, 0.5), _percentile(gaps, 0.9), _percentile(gaps, 0.99))
+
+
+def predict_row(config, hardware, dtype: str, context: int, concurrency: int, output_tokens: int,
+                rounds: int = 1) -> dict:
+    """Predicted wall time, output tokens/s and requests/s of ``run_concurrency`` on ``hardware``."""
+    from .perf_model import predict
+
+    first = predict(config, context, batch=1, dtype=dtype, hardware=hardware)
+    step = predict(config, context + output_tokens // 2, batch=concurrency, dtype=dtype, hardware=hardware)
+    wall = rounds * (concurrency * first.prefill_s + (output_tokens - 1) * step.decode_s_per_token)
+    n = concurrency * rounds
+    return {"wall_s": wall, "tokens_per_s": n * output_tokens / wall, "requests_per_s": n / wall}
 
 
 def sweep(llama, prompt_text: str, concurrencies: list[int], output_tokens: int, rounds: int = 1,

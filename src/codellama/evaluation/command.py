@@ -41,6 +41,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--max-seq-len", type=int, default=None, help="override the model's context length")
+    p.add_argument("--kv-cache-dtype", default=None, choices=("auto", "int8"),
+                   help="int8: store the KV cache as int8 with a scale per token and head (half of bf16)")
     p.add_argument("--name", default=None, help="model label in results and compare tables "
                    "(default: the checkpoint's name or directory)")
     p.add_argument("--output", default=None, help="results JSON (default: BENCH-MODEL.json)")
@@ -190,7 +192,7 @@ def _load(args):
     from ..api import load
     apply_threads(args.threads)
     llama = load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                 max_seq_len=args.max_seq_len)
+                 max_seq_len=args.max_seq_len, kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
     if args.name:
         llama.name = args.name
     return llama

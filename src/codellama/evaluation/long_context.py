@@ -185,7 +185,6 @@ def resolve_files(data: str | Path | None, limit: int | None) -> list[Path]:
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def cached_perplexity(llama: "CodeLlama", tokens: Sequence[int], kv_dtype: torch.dtype, chunk: int = 256) -> float:
     """Teacher-forced perplexity of ``tokens`` through a KV cache of ``kv_dtype`` (torch.int8: the int8 cache),
     prefilled ``chunk`` tokens at a time, so later chunks attend to what the cache stored."""
@@ -203,13 +202,16 @@ def cached_perplexity(llama: "CodeLlama", tokens: Sequence[int], kv_dtype: torch
 
 
 def token_nlls(llama: "CodeLlama", tokens: Sequence[int], chunk: int = 512) -> list[float]:
-    """NLL of tokens[1:] given everything before, computed chunk by chunk through the KV cache."""
+    """NLL of tokens[1:] given everything before, computed chunk by chunk through the KV cache (stored as the
+    model's ``kv_cache_dtype`` says: int8 measures what the int8 cache costs in perplexity)."""
+    from ..generation_admission import resolve_kv_cache_dtype
     from ..model import KVCache
 
     if len(tokens) < 2:
         return []
     model = llama.model
-    cache = KVCache.allocate(model.config, 1, len(tokens) - 1, device=llama.device, dtype=llama.dtype)
+    kv_dtype = resolve_kv_cache_dtype(getattr(llama, "kv_cache_dtype", None), llama.dtype) or llama.dtype
+    cache = KVCache.allocate(model.config, 1, len(tokens) - 1, device=llama.device, dtype=kv_dtype)
     ids = torch.as_tensor(list(tokens), dtype=torch.long, device=llama.device)
     out = []
     for start in range(0, len(tokens) - 1, chunk):
@@ -254,7 +256,8 @@ def perplexity(llama: "CodeLlama", files: Sequence[Path], max_length: int, bin_s
     total = sum(counts)
     return {"benchmark": "perplexity", "model": llama.name, "model_params": llama.config.num_params(),
             "settings": {"max_length": max_length, "bin_size": bin_size, "chunk": chunk, "files": len(files),
-                         "context": llama.config.max_seq_len},
+                         "context": llama.config.max_seq_len,
+                         "kv_cache_dtype": getattr(llama, "kv_cache_dtype", None) or "auto"},
             "metrics": {"perplexity": math.exp(sum(sums) / total) if total else None, "tokens": total,
                         "files": len(per_file)},
             "bins": bins, "files": per_file, "generation_seconds": round(time.monotonic() - t0, 3)}
