@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from codellama.training.recipe import TrainConfig
 from codellama.training.tokenizer import train_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+SRC = Path(__file__).resolve().parents[1] / "src"
 REAL_TOKENIZER = SHARED / "tokenizers" / "codellama-tokenizer.model"
 
 
@@ -80,6 +84,25 @@ def peaked_model(max_seq_len: int = 128) -> Transformer:
     model = Transformer(config)
     model.init_weights(std=0.3)
     return model.eval()
+
+
+def torchrun(args: list[str], cwd: Path, script: Path | None = None, timeout: int = 240, retry: bool = True,
+             nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    target = [str(script)] if script else ["-m", "codellama"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *target, *args]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if retry and done.returncode and any(sign in done.stderr for sign in INFRASTRUCTURE_FAILURES):
+        # The launcher's rendezvous or gloo's sockets, not our code: a busy machine loses a port race now and
+        # then. One more try, once; a failure of ours fails the same way twice.
+        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return done
+
+
+INFRASTRUCTURE_FAILURES = ("Address already in use", "RendezvousConnectionError", "RendezvousTimeoutError",
+                           "Connection reset by peer", "Connection closed by peer", "Connection refused",
+                           "DistNetworkError")
 
 
 def cmdline_has(pid: str, marker: str) -> bool:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,9 +17,9 @@ import pytest
 import torch
 
 from codellama.training.trainer import TrainConfig, read_log, train
+from conftest import torchrun  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-SRC = Path(__file__).resolve().parents[1] / "src"
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "codellama-tokenizer.model"
 
 
@@ -37,25 +35,6 @@ def write_recipe(config: TrainConfig, path: Path) -> Path:
         lines.append(f"{key} = {json.dumps(value)}")
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def torchrun(args: list[str], cwd: Path, script: Path | None = None, timeout: int = 240, retry: bool = True
-             ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    target = [str(script)] if script else ["-m", "codellama"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *target, *args]
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if retry and done.returncode and any(sign in done.stderr for sign in INFRASTRUCTURE_FAILURES):
-        # The launcher's rendezvous or gloo's sockets, not our code: a busy machine loses a port race now and
-        # then. One more try, once; a failure of ours fails the same way twice.
-        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    return done
-
-
-INFRASTRUCTURE_FAILURES = ("Address already in use", "RendezvousConnectionError", "RendezvousTimeoutError",
-                           "Connection reset by peer", "Connection closed by peer", "Connection refused",
-                           "DistNetworkError")
 
 
 def losses(run_dir: str | Path) -> list[float]:

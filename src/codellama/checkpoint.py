@@ -300,6 +300,52 @@ def stream_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, max_
     return plan.config, _stream(plan, torch.device("cpu"), dtype)
 
 
+def shard_dim(name: str) -> int | None:
+    """The dim a model-parallel rank splits tensor ``name`` on (Meta's layout, which tensor parallelism keeps);
+    None for replicated tensors (the norms)."""
+    parts = name.split(".")
+    return _SHARD_DIM.get(parts[-2]) if len(parts) >= 2 else None
+
+
+def rank_slice(name: str, t: Tensor, rank: int, world: int) -> Tensor:
+    """Rank ``rank`` of ``world``'s contiguous share of the full tensor ``t`` (a view; the whole for replicas)."""
+    dim = shard_dim(name)
+    if dim is None or world == 1:
+        return t
+    size = t.shape[dim] // world
+    return t.narrow(dim, rank * size, size)
+
+
+def stream_rank(path: str | Path, rank: int, world: int, dtype: torch.dtype = torch.float32,
+                max_seq_len: int | None = None) -> tuple[ModelConfig, list[Path], Iterator[tuple[str, Tensor]]]:
+    """Rank ``rank`` of ``world``'s share of every tensor of a checkpoint directory, on the CPU, one layer at a time:
+    the config, the files this rank reads, and the stream. The tensors are views of the files' memory maps where
+    possible (in the stored dtype then: copy each into its destination, which casts, before taking the next).
+
+    A Meta download with ``world`` model-parallel shards is read directly: rank r opens consolidated.r.pth and
+    nothing else (each of its tensors is already the rank's share). Any other layout (one file, HF, native, or a
+    different number of shards) is assembled a layer at a time from memory maps and sliced."""
+    plan = _checked_plan(path, max_seq_len)
+    if plan.format == "meta" and len(plan.files) == world and world > 1:
+        own = plan.files[rank]
+
+        def own_shard() -> Iterator[tuple[str, Tensor]]:
+            groups: dict[int, list[str]] = {}
+            for name in plan.parts:
+                groups.setdefault(_layer_of(name), []).append(name)
+            for names in groups.values():
+                loaded = read_tensors(own, names)
+                for name in names:
+                    yield name, loaded.pop(name)
+                del loaded
+        return plan.config, [own], own_shard()
+
+    def sliced() -> Iterator[tuple[str, Tensor]]:
+        for name, t in _stream(plan, torch.device("cpu"), dtype):
+            yield name, rank_slice(name, t, rank, world)
+    return plan.config, list(plan.files), sliced()
+
+
 def load_tokenizer(path: str | Path | None, tokenizer: str | Path | None = None) -> Tokenizer:
     """``tokenizer`` (a ``.model`` file or a directory holding ``tokenizer.model``) or ``path/tokenizer.model``."""
     if tokenizer is not None:

@@ -148,8 +148,8 @@ def _run(model: Transformer, requests: list[Request], prefill_chunk: int,
     device, dtype = model.output.weight.device, model.output.weight.dtype
     B = len(requests)
     P = max(len(r.prompt) for r in requests)
-    cache = KVCache.allocate(model.config, B, P + max(r.max_new_tokens for r in requests) - 1,
-                             device=device, dtype=kv_dtype or dtype)
+    cache = KVCache.for_model(model, B, P + max(r.max_new_tokens for r in requests) - 1,
+                              device=device, dtype=kv_dtype or dtype)
     pads = torch.tensor([P - len(r.prompt) for r in requests], device=device)
     tokens = torch.zeros(B, P, dtype=torch.long, device=device)
     for i, r in enumerate(requests):

@@ -222,6 +222,15 @@ def _attention_blocks(cache: KVCache, B: int, T: int, padded: bool, decode: bool
             for lo in range(0, T, rows)]
 
 
+def local_heads(model: Transformer) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) this process computes: the config's, or one tensor-parallel rank's share."""
+    if len(model.layers):
+        a = model.layers[0].attention
+        return a.n_heads, a.n_kv_heads, a.head_dim
+    c = model.config
+    return c.n_heads, c.n_kv_heads, c.head_dim
+
+
 def forward_step(model: Transformer, dec: Decoder, tokens: Tensor, positions: Tensor, cache: KVCache,
                  rope: tuple[Tensor, Tensor], padded: bool, last_only: bool = True, decode: bool = True) -> Tensor:
     """Logits (float32; [B, 1, V] with ``last_only``) for tokens [B, T] written to the next T cache slots.
@@ -229,8 +238,7 @@ def forward_step(model: Transformer, dec: Decoder, tokens: Tensor, positions: Te
     The same computation as ``Transformer.forward`` with a cache (bit for bit with unpacked weights, when
     the attention fits in one block). ``decode``: the tokens are generated ones, so none is padding."""
     B, T = tokens.shape
-    c = model.config
-    H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
+    H, KV, hd = local_heads(model)
     start, end = cache.length, cache.length + T
     if end > cache.size:
         raise ValueError(f"KV cache holds {cache.size} tokens; {end} requested")

@@ -135,12 +135,20 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch: int, size: int, *, device=None,
-                 dtype: torch.dtype = torch.float32) -> "KVCache":
+                 dtype: torch.dtype = torch.float32, n_kv_heads: int | None = None) -> "KVCache":
+        """``n_kv_heads``: the heads this process holds, if not the config's (a tensor-parallel rank's share)."""
         last = config.head_dim + KV_SCALE_BYTES if dtype == torch.int8 else config.head_dim
-        shape = (config.n_layers, batch, config.n_kv_heads, size, last)
+        shape = (config.n_layers, batch, n_kv_heads or config.n_kv_heads, size, last)
         return cls(k=torch.zeros(shape, device=device, dtype=dtype),
                    v=torch.zeros(shape, device=device, dtype=dtype),
                    valid=torch.ones(batch, size, device=device, dtype=torch.bool))
+
+    @classmethod
+    def for_model(cls, model: "Transformer", batch: int, size: int, *, device=None,
+                  dtype: torch.dtype = torch.float32) -> "KVCache":
+        """A cache for the KV heads ``model`` computes in this process (a tensor-parallel rank holds its share)."""
+        heads = model.layers[0].attention.n_kv_heads if len(model.layers) else None
+        return cls.allocate(model.config, batch, size, device=device, dtype=dtype, n_kv_heads=heads)
 
     @property
     def size(self) -> int:

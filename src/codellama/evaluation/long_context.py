@@ -192,7 +192,7 @@ def cached_perplexity(llama: "CodeLlama", tokens: Sequence[int], kv_dtype: torch
 
     ids = torch.tensor(list(tokens))
     n = len(tokens) - 1
-    cache = KVCache.allocate(llama.config, 1, n, dtype=kv_dtype)
+    cache = KVCache.for_model(llama.model, 1, n, device=llama.device, dtype=kv_dtype)
     total = 0.0
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
@@ -211,7 +211,7 @@ def token_nlls(llama: "CodeLlama", tokens: Sequence[int], chunk: int = 512) -> l
         return []
     model = llama.model
     kv_dtype = resolve_kv_cache_dtype(getattr(llama, "kv_cache_dtype", None), llama.dtype) or llama.dtype
-    cache = KVCache.allocate(model.config, 1, len(tokens) - 1, device=llama.device, dtype=kv_dtype)
+    cache = KVCache.for_model(model, 1, len(tokens) - 1, device=llama.device, dtype=kv_dtype)
     ids = torch.as_tensor(list(tokens), dtype=torch.long, device=llama.device)
     out = []
     for start in range(0, len(tokens) - 1, chunk):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CodeLlamaError
+from ..generation_forward import local_heads
 from ..generation import (DEFAULT_PREFILL_CHUNK, _completion, accept_token, available_memory, decoder_for,
                           resolve_kv_cache_dtype)
 from ..model import (KVCache, apply_rope, dequantize_kv, kv_bytes_per_token, kv_rotation, quantize_kv, rope_angles,
@@ -154,8 +155,8 @@ class Engine(PrefillMixin):
             return self
         self._stop = False
         # The cache is allocated once: memory use is flat however many requests come and go.
-        self._cache = KVCache.allocate(self.model.config, self.max_batch_size, self.context, device=self._device,
-                                       dtype=self._kv_dtype)
+        self._cache = KVCache.for_model(self.model, self.max_batch_size, self.context, device=self._device,
+                                        dtype=self._kv_dtype)
         self._lens = torch.zeros(self.max_batch_size, dtype=torch.long, device=self._device)
         self._pads = torch.zeros(self.max_batch_size, dtype=torch.long, device=self._device)
         self._table.reset()
@@ -294,8 +295,7 @@ class Engine(PrefillMixin):
     def _decode(self, dec) -> None:
         """One token for every active row, in one batched forward with per-row cache positions."""
         n = len(self._rows)
-        c = self.model.config
-        H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        H, KV, hd = local_heads(self.model)
         cache = self._cache
         pos = self._lens[:n]  # the slot each row's new token is written to
         pads = self._pads[:n]  # each row's padding slots at the front (not attended, not counted in positions)
