@@ -67,7 +67,7 @@ class CodeLlama:
     """A loaded model with its tokenizer. Generation methods live in ``generation.py`` and are bound here."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "",
-                 kv_cache_dtype: str | None = None):
+                 kv_cache_dtype: str | None = None, draft: "CodeLlama | None" = None, speculative_k: int = 4):
         if tokenizer.n_words > model.config.vocab_size:
             raise CodeLlamaError(f"tokenizer has {tokenizer.n_words} pieces but the model's vocabulary is "
                                  f"{model.config.vocab_size}: wrong tokenizer for this checkpoint")
@@ -79,6 +79,13 @@ class CodeLlama:
         # The KV cache's storage for every complete/infill/chat (and a server's engine): None = the model's
         # dtype, "int8" = int8 values with a bfloat16 scale per token and head (about half of bfloat16's bytes).
         self.kv_cache_dtype = None if kv_cache_dtype == "auto" else kv_cache_dtype
+        # Speculative decoding (speculative.py): with a draft attached, complete/infill/chat let it propose
+        # ``speculative_k`` tokens per target forward; the output is the target's (greedy: token for token).
+        from .speculative import check_draft, check_k
+        self.speculative_k = check_k(speculative_k)
+        if draft is not None:
+            check_draft(self, draft)
+        self.draft = draft
 
     @property
     def config(self) -> ModelConfig:
@@ -171,15 +178,25 @@ class CodeLlama:
 def load(path: str | Path | None = None, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, tokenizer: str | Path | None = None,
          max_seq_len: int | None = None, quantize: str | None = None, group_size: int = 32,
-         kv_cache_dtype: str | None = None) -> CodeLlama:
+         kv_cache_dtype: str | None = None, draft: "str | Path | CodeLlama | None" = None,
+         speculative_k: int = 4) -> CodeLlama:
     """Load a checkpoint directory (Meta, native, HF or quantized layout) or a ``.gguf`` file; no path means
     the embedded default model. ``quantize="int8"|"int4"`` quantizes every linear layer weight-only
     (int4 in groups of ``group_size``). ``kv_cache_dtype="int8"`` stores every generation's KV cache as int8
-    (None: the model's dtype)."""
+    (None: the model's dtype). ``draft`` (a checkpoint path, loaded on the same device and dtype, or a loaded
+    ``CodeLlama``) turns on speculative decoding with ``speculative_k`` proposals per round; it must share
+    the target's tokenizer (``CodeLlamaError`` otherwise)."""
     from .checkpoint import load_model, load_tokenizer
     from .generation_admission import resolve_kv_cache_dtype
+    from .speculative import check_k
 
     resolve_kv_cache_dtype(kv_cache_dtype, torch.float32)  # a bad value fails before the (slow) load
+    check_k(speculative_k)
+    if draft is not None and not isinstance(draft, CodeLlama):
+        draft_path = resolve_model_path(draft)
+        if not Path(draft_path).expanduser().exists():
+            raise CodeLlamaError(f"draft model {str(draft)!r} not found")
+        draft = load(draft_path, device=device, dtype=dtype)  # its own context: RoPE runs past it
 
     if path is None:
         if not (DEFAULT_MODEL_DIR / "params.json").is_file():
@@ -201,4 +218,5 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
         quantize_model(model, quantize, group_size)
     tok = load_tokenizer(path, tokenizer)
     name = next((n for n, d in BUNDLED_MODELS.items() if Path(path) == d), Path(path).name)
-    return CodeLlama(model, tok, name=model.config.name or name, kv_cache_dtype=kv_cache_dtype)
+    return CodeLlama(model, tok, name=model.config.name or name, kv_cache_dtype=kv_cache_dtype, draft=draft,
+                     speculative_k=speculative_k)

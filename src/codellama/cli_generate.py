@@ -84,6 +84,11 @@ def _add_generation_options(p) -> None:
                    help="quantize linear weights on load (int4 in groups of 32)")
     p.add_argument("--kv-cache-dtype", default=None, choices=("auto", "int8"),
                    help="KV cache storage: auto (the model's dtype, default) or int8 (about half of bf16's memory)")
+    p.add_argument("--draft", default=None, metavar="PATH",
+                   help="speculative decoding: a small draft model sharing the tokenizer proposes tokens that the "
+                        "model verifies in one forward (same output; greedy: token for token)")
+    p.add_argument("--speculative-k", type=int, default=4, metavar="K",
+                   help="tokens the --draft proposes per round (default 4)")
     add_threads_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON result instead of streaming text")
     p.add_argument("--logprobs", action="store_true", help="include per-token logprobs in the --json output")
@@ -144,6 +149,8 @@ def load_for_generation(args, *, threads: bool = True):
     when ``--max-seq-len`` exceeds the trained context."""
     from .api import load
 
+    if getattr(args, "speculative_k", 4) < 1:
+        raise CodeLlamaError(f"--speculative-k must be >= 1, got {args.speculative_k}")
     if threads:
         apply_threads(args.threads)
     if args.max_seq_len is not None:
@@ -154,7 +161,8 @@ def load_for_generation(args, *, threads: bool = True):
                   file=sys.stderr)
     return load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
                 max_seq_len=args.max_seq_len, quantize=getattr(args, "quantize", None),
-                kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
+                kv_cache_dtype=getattr(args, "kv_cache_dtype", None), draft=getattr(args, "draft", None),
+                speculative_k=getattr(args, "speculative_k", 4))
 
 
 def _emit(llama, run, args, extra=None):
@@ -183,6 +191,8 @@ def _emit(llama, run, args, extra=None):
            "completion_tokens": len(completion.tokens), "seconds": round(seconds, 4)}
     if completion.logprobs is not None:
         out["logprobs"] = completion.logprobs
+    if getattr(completion, "speculative", None) is not None:  # a draft ran: its acceptance stats
+        out["speculative"] = completion.speculative
     out.update(extra(completion) if callable(extra) else extra or {})
     print(json.dumps(out, ensure_ascii=False))
     return completion

@@ -53,6 +53,7 @@ class Completion:
     logprobs: list[float] | None
     finish_reason: str
     prompt_tokens: int
+    speculative: dict | None = None  # with a draft model: ``SpeculativeStats.as_dict()`` (acceptance rate, ...)
 
 
 @dataclass
@@ -332,20 +333,27 @@ def _generate_text(llama: "CodeLlama", jobs: list[_Job], *, batch: bool, max_new
         if job.banned:
             r.sampling = dataclasses.replace(r.sampling, banned_ids=tuple(sorted(set(r.sampling.banned_ids)
                                                                                  | set(job.banned))))
-    steps = run(llama.model, requests, prefill_chunk=prefill_chunk,
-                kv_cache_dtype=getattr(llama, "kv_cache_dtype", None))
+    spec = None
+    if getattr(llama, "draft", None) is not None:  # speculative decoding: the same tokens, fewer target steps
+        from .speculative import run as speculative_run
+        steps, spec = speculative_run(llama.model, llama.draft.model, requests, k=llama.speculative_k,
+                                      prefill_chunk=prefill_chunk, kv_cache_dtype=llama.kv_cache_dtype,
+                                      draft_kv_cache_dtype=llama.draft.kv_cache_dtype)
+    else:
+        steps = run(llama.model, requests, prefill_chunk=prefill_chunk,
+                    kv_cache_dtype=getattr(llama, "kv_cache_dtype", None))
     texts = [TextStream(j.decode, j.context, stops) for j in jobs]
     if stream:
-        return _stream(jobs[0], requests[0], texts[0], steps, echo)
+        return _stream(jobs[0], requests[0], texts[0], steps, echo, spec[0] if spec else None)
     for appended in steps:
         for i, tok in appended:
             texts[i].push(tok)
             if texts[i].stopped:
                 requests[i].finish("stop")
     completions = []
-    for job, r, t in zip(jobs, requests, texts):
+    for i, (job, r, t) in enumerate(zip(jobs, requests, texts)):
         t.flush()
-        completions.append(_completion(job, r, t, echo))
+        completions.append(_completion(job, r, t, echo, spec[i] if spec else None))
     return completions if batch else completions[0]
 
 
@@ -371,7 +379,7 @@ def _token_budget(llama: "CodeLlama", jobs: list[_Job], max_new_tokens: int | No
 
 
 def _stream(job: _Job, request: Request, text: TextStream, steps: Iterator[list[tuple[int, int]]],
-            echo: bool) -> Iterator[str]:
+            echo: bool, spec: Any = None) -> Iterator[str]:
     """Text deltas as they are decoded; the generator's return value (``StopIteration.value``, or
     ``completion = yield from ...``) is the final ``Completion``, whose text is the deltas joined."""
     if echo and job.echo_text:
@@ -388,17 +396,19 @@ def _stream(job: _Job, request: Request, text: TextStream, steps: Iterator[list[
         yield tail
     if echo and job.echo_suffix:
         yield job.echo_suffix
-    return _completion(job, request, text, echo)
+    return _completion(job, request, text, echo, spec)
 
 
-def _completion(job: _Job, r: Request, text: TextStream, echo: bool) -> Completion:
+def _completion(job: _Job, r: Request, text: TextStream, echo: bool, spec: Any = None) -> Completion:
     lps = list(r.token_logprobs) if r.logprobs else None
+    stats = spec.as_dict() if spec is not None else None  # speculative.SpeculativeStats, when a draft ran
     if echo:
         return Completion(text=job.echo_text + text.text + job.echo_suffix, tokens=job.prompt + r.tokens,
                           logprobs=(r.prompt_token_logprobs + lps) if lps is not None else None,
-                          finish_reason=r.finish_reason or "length", prompt_tokens=len(job.prompt))
+                          finish_reason=r.finish_reason or "length", prompt_tokens=len(job.prompt),
+                          speculative=stats)
     return Completion(text=text.text, tokens=list(r.tokens), logprobs=lps,
-                      finish_reason=r.finish_reason or "length", prompt_tokens=len(job.prompt))
+                      finish_reason=r.finish_reason or "length", prompt_tokens=len(job.prompt), speculative=stats)
 
 
 def _context(prompt: list[int], n: int = 4) -> list[int]:

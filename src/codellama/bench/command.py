@@ -123,6 +123,7 @@ def cmd_latency(args) -> None:
                           quantize=args.dtype if args.dtype in ("int8", "int4") else None)
         tokenizer = checkpoint.tokenizer
     rows = []
+    models: dict = {}  # the random-weight models, built once for every context of the sweep
     for context in args.context:
         prompt = multi_file_prompt(tokenizer, context).tokens
         if checkpoint is not None:
@@ -150,7 +151,7 @@ def cmd_latency(args) -> None:
         else:
             config = model_config(args.model, context, args.output_tokens)
             timing, how = time_shape(config, args.dtype, device, prompt, args.output_tokens, args.layers,
-                                     args.repeats)
+                                     args.repeats, models)
         row = {"model": args.model, "dtype": args.dtype, "device": str(device), **timing.to_json(), **how}
         if hardware:
             pred = predict(config, context, dtype=args.dtype, hardware=hardware)

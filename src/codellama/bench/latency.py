@@ -51,12 +51,12 @@ def random_model(config: ModelConfig, dtype: str, device: torch.device, seed: in
         raise CodeLlamaError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     float_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(dtype, torch.bfloat16)
     with torch.device("meta"):
-        model = Transformer(config)
-    model.to_empty(device=device)
+        model = Transformer(config).to(float_dtype)
+    model.to_empty(device=device)  # allocated in the target dtype: a bf16 7B never exists in float32 first
     torch.manual_seed(seed)
     with torch.no_grad():
         model.init_weights()
-    model = model.to(float_dtype).eval()
+    model = model.eval()
     if dtype in ("int8", "int4"):
         from ..quantize import quantize_model
         quantize_model(model, dtype)
@@ -109,24 +109,45 @@ def time_generation(model: Transformer, prompt: list[int], output_tokens: int, r
     return Timing(ttft, tpot, ttft + max(0, output_tokens - 1) * tpot, len(prompt), output_tokens)
 
 
+def _built(models: dict | None, config: ModelConfig, dtype: str, device: torch.device) -> Transformer:
+    """``random_model``, kept in ``models`` (when given) so a sweep over contexts builds each shape once."""
+    if models is None:
+        return random_model(config, dtype, device)
+    key = (repr(config), dtype, str(device))
+    if key not in models:
+        models.clear()  # one shape at a time: the previous one's memory goes back first
+        models[key] = random_model(config, dtype, device)
+    return models[key]
+
+
 def time_shape(config: ModelConfig, dtype: str, device: torch.device, prompt: list[int], output_tokens: int,
-               layers: int | None = None, repeats: int = 1) -> tuple[Timing, dict]:
-    """Time ``config`` whole, or (``layers`` = K) as a K-block slice scaled to ``config.n_layers``."""
+               layers: int | None = None, repeats: int = 1, models: dict | None = None) -> tuple[Timing, dict]:
+    """Time ``config`` whole, or (``layers`` = K) as a K-block slice scaled to ``config.n_layers``. ``models``: a
+    dict to keep the built models in between calls (a slice and its head are kept together)."""
     if layers is None or layers >= config.n_layers:
-        model = random_model(config, dtype, device)
-        timing = time_generation(model, prompt, output_tokens, repeats)
-        del model
+        timing = time_generation(_built(models, config, dtype, device), prompt, output_tokens, repeats)
         return timing, {"method": "whole", "layers_timed": config.n_layers}
     if layers < 1:
         raise CodeLlamaError(f"--layers must be >= 1, got {layers}")
     pack = whole_model_packs(config, dtype, len(prompt), output_tokens) if device.type == "cpu" else None
     parts = {}
+    key = (repr(config), layers, dtype, str(device))
+    if models is None or models.get("slice-key") != key:
+        if models is not None:
+            models.clear()
+        built = {}
+        for k in (layers, 0):
+            model = random_model(replace(config, n_layers=max(1, k)), dtype, device)
+            if k == 0:  # embedding, final norm and output head on their own (a config cannot say 0 blocks)
+                model.layers = torch.nn.ModuleList()
+            built[k] = model
+        if models is not None:
+            models.update({"slice-key": key, "parts": built})
+    else:
+        built = models["parts"]
     for k in (layers, 0):
-        model = random_model(replace(config, n_layers=max(1, k)), dtype, device)
-        if k == 0:  # embedding, final norm and output head on their own (a config cannot say 0 blocks)
-            model.layers = torch.nn.ModuleList()
-        parts[k] = time_generation(model, prompt, output_tokens, repeats, pack)
-        del model
+        parts[k] = time_generation(built[k], prompt, output_tokens, repeats, pack)
+    del built
     head, block = parts[0], parts[layers]
     scale = lambda h, s: h + config.n_layers * max(0.0, s - h) / layers  # noqa: E731
     ttft, tpot = scale(head.ttft_s, block.ttft_s), scale(head.tpot_s, block.tpot_s)
