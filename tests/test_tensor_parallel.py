@@ -97,3 +97,27 @@ def test_tp2_slices_an_hf_checkpoint(reference):
     logits = torch.load(str(reference["root"] / "hf.json") + ".logits.pt")
     assert torch.allclose(logits, reference["logits"], atol=1e-5, rtol=0)
     assert all(r["greedy"] == reference["greedy"] for r in ranks)
+
+
+def test_cli_complete_under_torchrun_prints_once_with_tp_size(tmp_path, capsys):
+    from codellama.cli import main
+
+    args = ["complete", "def fibonacci(n):", "--max-new-tokens", "12", "--json", "--temperature", "0"]
+    assert main(args) == 0
+    alone = json.loads(capsys.readouterr().out)
+    done = torchrun(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints
+    out = json.loads(lines[0])
+    assert out["tp_size"] == 2 and alone["tp_size"] == 1
+    assert out["tokens"] == alone["tokens"] and out["text"] == alone["text"]
+
+
+def test_tensor_parallel_needs_torchrun_and_float_weights():
+    import codellama
+
+    with pytest.raises(CodeLlamaError, match="runs under torchrun"):
+        codellama.load(tensor_parallel=True)
+    with pytest.raises(CodeLlamaError, match="float weights without a draft"):
+        codellama.load(tensor_parallel=True, quantize="int8")

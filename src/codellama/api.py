@@ -179,24 +179,36 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
          dtype: str | torch.dtype | None = None, tokenizer: str | Path | None = None,
          max_seq_len: int | None = None, quantize: str | None = None, group_size: int = 32,
          kv_cache_dtype: str | None = None, draft: "str | Path | CodeLlama | None" = None,
-         speculative_k: int = 4) -> CodeLlama:
+         speculative_k: int = 4, tensor_parallel: bool = False) -> CodeLlama:
     """Load a checkpoint directory (Meta, native, HF or quantized layout) or a ``.gguf`` file; no path means
     the embedded default model. ``quantize="int8"|"int4"`` quantizes every linear layer weight-only
     (int4 in groups of ``group_size``). ``kv_cache_dtype="int8"`` stores every generation's KV cache as int8
     (None: the model's dtype). ``draft`` (a checkpoint path, loaded on the same device and dtype, or a loaded
     ``CodeLlama``) turns on speculative decoding with ``speculative_k`` proposals per round; it must share
-    the target's tokenizer (``CodeLlamaError`` otherwise)."""
+    the target's tokenizer (``CodeLlamaError`` otherwise). ``tensor_parallel=True`` (under ``torchrun``: one
+    process a GPU, or gloo ranks on CPU) loads this rank's share of the model (``tensor_parallel.py``); every rank
+    then runs the same calls in step, and a Meta download with one shard per rank reads only its own file."""
     from .checkpoint import load_model, load_tokenizer
     from .generation_admission import resolve_kv_cache_dtype
     from .speculative import check_k
 
     resolve_kv_cache_dtype(kv_cache_dtype, torch.float32)  # a bad value fails before the (slow) load
     check_k(speculative_k)
+    if tensor_parallel and (quantize is not None or draft is not None):
+        raise CodeLlamaError("tensor parallelism runs float weights without a draft model (drop quantize / draft)")
     if draft is not None and not isinstance(draft, CodeLlama):
         draft_path = resolve_model_path(draft)
         if not Path(draft_path).expanduser().exists():
             raise CodeLlamaError(f"draft model {str(draft)!r} not found")
         draft = load(draft_path, device=device, dtype=dtype)  # its own context: RoPE runs past it
+
+    if tensor_parallel:
+        from .tensor_parallel import load_on_ranks
+        path = DEFAULT_MODEL_DIR if path is None else resolve_model_path(path)
+        model = load_on_ranks(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        tok = load_tokenizer(path, tokenizer)
+        name = next((n for n, d in BUNDLED_MODELS.items() if Path(path) == d), Path(path).name)
+        return CodeLlama(model, tok, name=model.config.name or name, kv_cache_dtype=kv_cache_dtype)
 
     if path is None:
         if not (DEFAULT_MODEL_DIR / "params.json").is_file():

@@ -198,7 +198,7 @@ def _run(argv: Sequence[str] | None) -> int:
     try:
         args.func(args)
     except CodeLlamaError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # stdout's reader left (``| head``): stop quietly, and keep the interpreter's final flush from failing.
@@ -216,6 +216,12 @@ def _run(argv: Sequence[str] | None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _rank_prefix() -> str:
+    # Under torchrun every rank reports its own errors; rank 0's read as a single process's would.
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+    return "" if rank == "0" else f"rank {rank}: "
 
 
 if __name__ == "__main__":

@@ -162,7 +162,20 @@ def load_for_generation(args, *, threads: bool = True):
     return load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
                 max_seq_len=args.max_seq_len, quantize=getattr(args, "quantize", None),
                 kv_cache_dtype=getattr(args, "kv_cache_dtype", None), draft=getattr(args, "draft", None),
-                speculative_k=getattr(args, "speculative_k", 4))
+                speculative_k=getattr(args, "speculative_k", 4), tensor_parallel=under_torchrun())
+
+
+def under_torchrun() -> bool:
+    """Launched as one of several torchrun processes: run tensor-parallel, and only rank 0 prints results (the
+    others' stdout goes to /dev/null; every rank still reports its errors)."""
+    from .training.distributed import torchrun_world_size
+
+    if torchrun_world_size() < 2:
+        return False
+    if os.environ.get("RANK", "0") != "0" and not getattr(sys.stdout, "_codellama_quiet", False):
+        sys.stdout = open(os.devnull, "w")
+        sys.stdout._codellama_quiet = True
+    return True
 
 
 def _emit(llama, run, args, extra=None):
@@ -193,6 +206,8 @@ def _emit(llama, run, args, extra=None):
         out["logprobs"] = completion.logprobs
     if getattr(completion, "speculative", None) is not None:  # a draft ran: its acceptance stats
         out["speculative"] = completion.speculative
+    from .tensor_parallel import tp_size
+    out["tp_size"] = tp_size(llama.model)
     out.update(extra(completion) if callable(extra) else extra or {})
     print(json.dumps(out, ensure_ascii=False))
     return completion

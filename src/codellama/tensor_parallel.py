@@ -129,7 +129,7 @@ def load_tensor_parallel(path: str | Path, rank: int, world_size: int, *, device
     from .checkpoint import stream_rank
 
     config, files, tensors = stream_rank(path, rank, world_size, dtype, max_seq_len)
-    model = build_sharded(config, world_size)
+    model = build_sharded(config, world_size).to(dtype)
     model.to_empty(device=device)
     params = dict(model.named_parameters())
     seen = set()
@@ -146,6 +146,28 @@ def load_tensor_parallel(path: str | Path, rank: int, world_size: int, *, device
         raise CodeLlamaError(f"rank {rank}: the checkpoint did not provide {', '.join(missing[:3])}")
     model.tp = TPInfo(rank, world_size, tuple(str(f) for f in files))
     return model.eval()
+
+
+def load_on_ranks(path: str | Path, *, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None, max_seq_len: int | None = None) -> Transformer:
+    """Join torchrun's process group (NCCL on CUDA, each rank on its local GPU; gloo on CPU), load this rank's
+    share of ``path`` and give every rank the same random stream. GGUF files and quantized directories are
+    refused: tensor parallelism runs float checkpoints (Meta, native, HF)."""
+    from .api import resolve_device, resolve_dtype
+    from .checkpoint import _is_gguf, _is_quantized_dir
+    from .training.distributed import init_ranks, torchrun_world_size
+
+    if torchrun_world_size() < 2:
+        raise CodeLlamaError("tensor parallelism runs under torchrun with 2 or more processes, e.g. "
+                             "torchrun --nproc-per-node 2 -m codellama complete ...")
+    if _is_gguf(path) or _is_quantized_dir(path):
+        raise CodeLlamaError(f"{path}: tensor parallelism loads float checkpoints (Meta, native or HF), not GGUF "
+                             "or quantized directories")
+    ranks, dev = init_ranks(resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    model = load_tensor_parallel(path, ranks.rank, ranks.world_size, device=dev,
+                                 dtype=resolve_dtype(dtype, dev), max_seq_len=max_seq_len)
+    sync_seed()
+    return model
 
 
 def shard_model(model: Transformer, rank: int, world_size: int) -> Transformer:
@@ -184,4 +206,4 @@ def sync_seed(seed: int | None = None) -> int:
 
 
 __all__ = ["ParallelEmbedding", "RowParallelLinear", "TPInfo", "VocabParallelHead", "build_sharded", "check_tp",
-           "load_tensor_parallel", "shard_model", "sync_seed", "tp_size"]
+           "load_on_ranks", "load_tensor_parallel", "shard_model", "sync_seed", "tp_size"]

@@ -54,7 +54,7 @@ def add_parser(sub, parser_class) -> None:
     p.add_argument("--context", type=int, default=512, help="prompt tokens (the multi-file workload)")
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="requests per cache row")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the engine (as serve --threads)")
     p.add_argument("--hardware", default=None, help="profile for the predicted column (default: local for cpu)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_throughput)
@@ -224,7 +224,7 @@ def cmd_throughput(args) -> None:
               + (f"{pred['tokens_per_s']:>10.1f} {data['measured_over_predicted']['tokens_per_s']:>9.2f}"
                  if pred else f"{'-':>10} {'-':>9}"), flush=True)
 
-    sweep(llama, text, args.concurrency, args.output_tokens, args.rounds, log=show)
+    sweep(llama, text, args.concurrency, args.output_tokens, args.rounds, log=show, threads=args.threads)
 
 
 def _weights_dtype(model) -> str:

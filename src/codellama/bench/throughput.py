@@ -45,10 +45,11 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_concurrency(llama, prompt_text: str, concurrency: int, output_tokens: int, rounds: int = 1
-                    ) -> ThroughputRow:
+def run_concurrency(llama, prompt_text: str, concurrency: int, output_tokens: int, rounds: int = 1,
+                    threads: int | None = None) -> ThroughputRow:
     """Serve ``concurrency × rounds`` greedy requests of ``prompt_text`` through an engine of ``concurrency``
-    rows; every request generates ``output_tokens`` (eos does not stop it)."""
+    rows; every request generates ``output_tokens`` (eos does not stop it). ``threads``: the engine thread's
+    torch threads, as ``codellama serve --threads`` sets them (OpenMP's setting is per thread)."""
     from ..serving.scheduler import Engine
     from ..serving.sequences import build_job, make_sequences
 
@@ -58,7 +59,7 @@ def run_concurrency(llama, prompt_text: str, concurrency: int, output_tokens: in
     job = build_job(llama, "complete", prompt=prompt_text)
     # Cache rows sized to the workload, as vLLM's max_model_len: concurrency × (prompt + output) slots.
     context = min(llama.config.max_seq_len, len(job.prompt) + output_tokens + 1)
-    engine = Engine(llama, max_batch_size=concurrency, max_queue=n, context=context)
+    engine = Engine(llama, max_batch_size=concurrency, max_queue=n, context=context, threads=threads)
     first: dict[int, float] = {}
     marks: dict[int, list[float]] = {i: [] for i in range(n)}
     counts = [0] * n
@@ -115,12 +116,12 @@ def predict_row(config, hardware, dtype: str, context: int, concurrency: int, ou
 
 
 def sweep(llama, prompt_text: str, concurrencies: list[int], output_tokens: int, rounds: int = 1,
-          log=lambda row: None) -> list[ThroughputRow]:
+          log=lambda row: None, threads: int | None = None) -> list[ThroughputRow]:
     """``run_concurrency`` for each value, stopping at the first one the device's memory refuses."""
     rows = []
     for c in concurrencies:
         try:
-            row = run_concurrency(llama, prompt_text, c, output_tokens, rounds)
+            row = run_concurrency(llama, prompt_text, c, output_tokens, rounds, threads)
         except (CodeLlamaError, RuntimeError) as e:  # RuntimeError: the allocator's out-of-memory
             if "memory" in str(e).lower() and rows:
                 break  # the memory limit: what fits has been measured
