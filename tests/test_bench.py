@@ -98,6 +98,17 @@ def test_timing_a_real_generation_is_positive_and_counts_tokens(tokenizer):
     assert latency.time_generation(q, prompt, 4).tpot_s > 0
 
 
+def test_random_quantized_model_is_built_block_by_block_in_quantize_models_layout():
+    from codellama.model import Transformer
+    from codellama.quantize import quantization_summary, quantize_model
+
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
+    for mode in ("int8", "int4"):
+        built = quantization_summary(latency.random_model(config, mode, torch.device("cpu")))
+        reference = quantization_summary(quantize_model(Transformer(config).to(torch.bfloat16), mode))
+        assert built == reference and len(built["layers"]) == 15  # 7 linears a block + the output head
+
+
 def test_bench_latency_cli_on_a_checkpoint(capsys):
     code = main(["bench", "latency", "--model", str(DEFAULT_MODEL_DIR), "--context", "256,512", "--output-tokens",
                  "4", "--dtype", "fp32", "--json"])
@@ -181,7 +192,7 @@ def test_bench_report_is_generated_with_plots_and_conclusions(tmp_path, capsys):
     assert main(["bench", "report", "--out", str(out), "--measured", str(rows), str(more)]) == 0
     text = out.read_text()
     assert "## Conclusions" in text and "70B needs more GPUs than 34B" in text and "| 100,000 |" in text
-    assert "| CodeLlama-34b | bf16 | 1,000 | 1 | 2.00 | 1.80 | 1.11 |" in text
+    assert "| CodeLlama-34b | cpu | bf16 | 1,000 | 1 | 2.00 | 1.80 | 1.11 |" in text
     assert "| default | fp32 | 512 | 4 | 8 | 256.0 | 200.0 | 1.28 | 4.00 |" in text
     assert "| CodeLlama-7b | bf16 | 1,000 | 2 | 10.00 | 10.50 | 1.05 | 500.0 | 450.0 | 0.90 |" in text
     assert "## Throughput vs batch at 16k context" in text and "| H100-SXM | 64 |" in text

@@ -52,15 +52,34 @@ def random_model(config: ModelConfig, dtype: str, device: torch.device, seed: in
     float_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(dtype, torch.bfloat16)
     with torch.device("meta"):
         model = Transformer(config).to(float_dtype)
-    model.to_empty(device=device)  # allocated in the target dtype: a bf16 7B never exists in float32 first
     torch.manual_seed(seed)
+    if dtype not in ("int8", "int4"):
+        model.to_empty(device=device)  # allocated in the target dtype: a bf16 7B never exists in float32 first
+        with torch.no_grad():
+            model.init_weights()
+        return model.eval()
+    # Quantized: one block at a time drawn in bf16 and quantized at once, so a 70B in int8 (69 GB) never needs
+    # its 138 GB bf16 form (it would not fit one 141 GB GPU beside its int8 copy).
+    from ..quantize import quantize_model, quantize_weight
+
+    std = 0.02  # init_weights' scheme, block by block
     with torch.no_grad():
-        model.init_weights()
-    model = model.eval()
-    if dtype in ("int8", "int4"):
-        from ..quantize import quantize_model
-        quantize_model(model, dtype)
-    return model
+        for block in model.layers:
+            block.to_empty(device=device)
+            for name, p in block.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std / (2 * config.n_layers) ** 0.5 if name.endswith(("wo.weight", "w2.weight"))
+                              else std)
+            quantize_model(block, dtype)
+        for part in (model.tok_embeddings, model.norm, model.output):
+            part.to_empty(device=device)
+        model.tok_embeddings.weight.normal_(0.0, std)
+        model.norm.weight.fill_(1.0)
+        model.output.weight.normal_(0.0, std)
+        model.output = quantize_weight(model.output.weight, dtype)
+    return model.eval()
 
 
 def _sync(device: torch.device) -> None:
