@@ -121,3 +121,67 @@ def test_tensor_parallel_needs_torchrun_and_float_weights():
         codellama.load(tensor_parallel=True)
     with pytest.raises(CodeLlamaError, match="float weights without a draft"):
         codellama.load(tensor_parallel=True, quantize="int8")
+
+
+def test_serve_under_torchrun_rank0_serves_and_every_rank_steps_together(tmp_path):
+    """Two gloo ranks: rank 0 serves HTTP, rank 1 replays its engine (serving/lockstep.py). Concurrent requests of
+    different lengths (rows join, finish and move) give one process's greedy text; a cached prompt reuses its row."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+
+    import codellama
+    from conftest import SRC
+
+    prompts = ["def fibonacci(n):", "import os\n\ndef list_files(path):", "class Stack:\n    def __init__(self):",
+               "# sort a list\ndef bubble_sort(xs):"]
+    lengths = [16, 5, 24, 9]
+    alone = codellama.load()
+    want = [alone.complete(p, max_new_tokens=n, temperature=0.0).text for p, n in zip(prompts, lengths)]
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "codellama", "serve", "--port", "0", "--max-batch-size", "3", "--threads", "1",
+                             "--log-level", "warning"], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        timer = threading.Timer(120, lambda: os.killpg(proc.pid, signal.SIGKILL))
+        timer.start()
+        line = ""
+        for line in proc.stderr:
+            if line.startswith("serving "):
+                break
+        timer.cancel()
+        m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+        assert m, line
+        url = m[1]
+        got: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            r = httpx.post(url + "/v1/completions", timeout=120,
+                           json={"prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0})
+            got[i] = r.json()["choices"][0]["text"]
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [got.get(i) for i in range(len(prompts))] == want  # 4 requests over 3 rows: one waits, rows move
+        # After an idle spell longer than the heartbeat, a cached prompt is served again from its row.
+        import time
+        time.sleep(6)
+        for _ in range(2):
+            r = httpx.post(url + "/completion", timeout=120,
+                           json={"prompt": prompts[0], "n_predict": lengths[0], "temperature": 0, "cache_prompt": True})
+            assert r.status_code == 200 and r.json()["content"] == want[0]
+        assert r.json()["tokens_cached"] > 0
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

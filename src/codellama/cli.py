@@ -118,14 +118,23 @@ def cmd_serve(args) -> None:
                              "tokens); raise that with --max-seq-len if the model extrapolates")
     from .serving.app import ServerConfig, create_app, serve
     from .serving.scheduler import Engine
+    from .tensor_parallel import tp_size
 
     # The same default as the other commands: on the 2-core development box, 1 engine thread served 1 client at
     # ~285 tok/s against ~185 with 2 (the event loop needs the other core) and 16 clients no slower.
     threads = args.threads
     if threads is None and not os.environ.get("OMP_NUM_THREADS"):
         threads = default_threads()
-    engine = Engine(llama, max_batch_size=args.max_batch_size, max_queue=args.max_queue, context=args.context,
-                    threads=threads, kv_cache_dtype=llama.kv_cache_dtype)
+    engine_args = dict(max_batch_size=args.max_batch_size, max_queue=args.max_queue, context=args.context,
+                       threads=threads, kv_cache_dtype=llama.kv_cache_dtype)
+    lockstep = None
+    if tp_size(llama.model) > 1:  # under torchrun: rank 0 serves, the other ranks replay its engine
+        from .serving.lockstep import Lockstep
+        lockstep = Lockstep()
+        if not lockstep.leader:
+            from .serving.follower import follow
+            return follow(llama, **engine_args)
+    engine = Engine(llama, **engine_args, lockstep=lockstep)
     config = ServerConfig(model_name=args.name or llama.name or "codellama", api_key=args.api_key or None,
                           max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens,
                           body_timeout_s=args.body_timeout, max_connections=args.max_connections,

@@ -38,6 +38,7 @@ from ..model import (KVCache, apply_rope, dequantize_kv, kv_bytes_per_token, kv_
 from ..sampling import adjust_logits, sample_row
 from .prefill import PREFILL_BUCKET, PrefillMixin
 from .prefix_cache import RowTable, exchange_rows
+from .lockstep import HEARTBEAT_S, flags_of, spec_of
 # What the engine runs lives in sequences.py; re-exported because callers build sequences for this engine.
 from .sequences import (Event, QueueSink, Sequence, build_job, make_sequences, timings,  # noqa: F401
                         token_text, truncated_infill_job)
@@ -80,7 +81,7 @@ class Engine(PrefillMixin):
     def __init__(self, llama, *, max_batch_size: int = 16, max_queue: int = DEFAULT_MAX_QUEUE,
                  context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  prefill_budget: int = DEFAULT_PREFILL_BUDGET, pack: bool | None = None, threads: int | None = None,
-                 kv_cache_dtype: str | None = None):
+                 kv_cache_dtype: str | None = None, lockstep=None):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise CodeLlamaError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         if not isinstance(max_queue, int) or max_queue < 0:
@@ -120,6 +121,8 @@ class Engine(PrefillMixin):
         self._table = RowTable(max_batch_size)  # slot ids and cached prompts of the rows (prefix_cache.py)
         self._claimed: set[int] = set()  # slot ids that admitted id_slot requests will run in
         self._task_ids = 0
+        # Tensor parallelism (lockstep.py): rank 0's engine broadcasts each decision its followers replay.
+        self.lockstep = lockstep
 
     # ---- public, any thread ------------------------------------------------------------------------
     @property
@@ -154,6 +157,12 @@ class Engine(PrefillMixin):
         if self.running:
             return self
         self._stop = False
+        self._allocate()
+        self._thread = threading.Thread(target=self._loop, name="codellama-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def _allocate(self) -> None:
         # The cache is allocated once: memory use is flat however many requests come and go.
         self._cache = KVCache.for_model(self.model, self.max_batch_size, self.context, device=self._device,
                                         dtype=self._kv_dtype)
@@ -161,9 +170,6 @@ class Engine(PrefillMixin):
         self._pads = torch.zeros(self.max_batch_size, dtype=torch.long, device=self._device)
         self._table.reset()
         self._claimed = set()
-        self._thread = threading.Thread(target=self._loop, name="codellama-engine", daemon=True)
-        self._thread.start()
-        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the thread; sequences still queued or running get a final event with an error."""
@@ -230,10 +236,15 @@ class Engine(PrefillMixin):
             while True:
                 with self._cv:
                     while not self._stop and not self._waiting and not self._rows:
-                        self._cv.wait()
+                        if not self._cv.wait(HEARTBEAT_S if self.lockstep else None):
+                            break  # idle: an empty plan keeps the followers within the group's timeout
                     if self._stop:
+                        if self.lockstep:
+                            self.lockstep.send("stop")
                         return
                     admitted = self._take_newcomers()
+                if self.lockstep:
+                    self.lockstep.send("plan", [spec_of(s) for s in admitted])
                 try:
                     # decoder_for checks every weight's version (a model updated in place needs a new packed
                     # copy); a served model does not change, so that check runs once a second, not per step.
@@ -393,15 +404,19 @@ class Engine(PrefillMixin):
             for j, i in enumerate(want):
                 lps[i] = (got_lp[j], got_top[j][:seq_rows[i].top_logprobs])
         now = time.perf_counter()
+        advanced: list[int | None] = [None] * len(seq_rows)
         for i, (seq, tok) in enumerate(zip(seq_rows, chosen)):
             if tok is None or seq.cancelled or seq.request.finished:
                 continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
+            advanced[i] = tok
             try:
                 self._advance(seq, tok, *lps.get(i, (None, None)), now=now)
             except Exception as e:  # e.g. its text cannot be decoded: fail this sequence, not the batch
                 self._fail_row(seq, e)
+        if self.lockstep:
+            self.lockstep.send("sampled", [(tok, *flags_of(seq)) for tok, seq in zip(advanced, seq_rows)])
 
     def _advance(self, seq: Sequence, tok: int, lp: float | None, top: list[tuple[int, float]] | None, *,
                  now: float) -> None:
@@ -436,6 +451,8 @@ class Engine(PrefillMixin):
 
     def _drop_finished(self) -> None:
         """Free the rows of finished or cancelled sequences, moving the last active row into each hole."""
+        if self.lockstep:  # the flags as they stand now (a client may have left since the last step)
+            self.lockstep.send("rows", [flags_of(seq) for seq in self._rows])
         r = 0
         while r < len(self._rows):
             seq = self._rows[r]
