@@ -5,6 +5,7 @@ API / CLI wiring (``load(draft=...)``, ``--draft``, ``--speculative-k``)."""
 from __future__ import annotations
 
 import copy
+import re
 import json
 
 import pytest
@@ -247,3 +248,34 @@ def test_cli_draft_json_and_errors(checkpoints, capsys, tmp_path):
                      *(["--draft", str(draft)] if extra[0] != "--draft" else []), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_server_with_a_draft_serves_the_targets_text_and_counts_acceptance(checkpoints):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from codellama.serving.app import create_app, running_server
+    from codellama.serving.speculative_engine import SpeculativeEngine
+
+    target, draft, _ = checkpoints
+    plain, spec = load(target), load(target, draft=draft, speculative_k=3)
+    engine = SpeculativeEngine(spec, max_batch_size=2, threads=1)
+    with running_server(create_app(spec, engine=engine)) as url:
+        for prompt in ("def add(a, b):", "class A:"):
+            want = plain.complete(prompt, max_new_tokens=20)
+            r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 20, "temperature": 0})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want.text
+        # Streaming, and a stop string cut mid-round, as the plain engine does.
+        with httpx.stream("POST", url + "/v1/completions",
+                          json={"prompt": "def add(a, b):", "max_tokens": 20, "stream": True, "temperature": 0}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == plain.complete("def add(a, b):",
+                                                                                  max_new_tokens=20).text
+        want = plain.complete("def add(a, b):", max_new_tokens=20, stop=["a"])
+        r = httpx.post(url + "/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 20, "stop": ["a"], "temperature": 0})
+        assert r.json()["choices"][0]["text"] == want.text
+        metrics = httpx.get(url + "/metrics").text
+        proposed = float(re.search(r"\ncodellama_speculative_proposed_total (\S+)", metrics)[1])
+        accepted = float(re.search(r"\ncodellama_speculative_accepted_total (\S+)", metrics)[1])
+        rate = float(re.search(r"\ncodellama_speculative_acceptance_rate (\S+)", metrics)[1])
+        assert proposed > 0 and 0 < accepted <= proposed and rate == pytest.approx(accepted / proposed)
+        assert httpx.get(url + "/props").json()["default_generation_settings"]["speculative"] is True

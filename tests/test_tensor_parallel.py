@@ -185,3 +185,13 @@ def test_serve_under_torchrun_rank0_serves_and_every_rank_steps_together(tmp_pat
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_bench_latency_under_torchrun_times_the_sharded_model(tmp_path):
+    from codellama.api import DEFAULT_MODEL_DIR
+
+    done = torchrun(["bench", "latency", "--model", str(DEFAULT_MODEL_DIR), "--context", "128", "--output-tokens", "4",
+                     "--dtype", "fp32", "--json"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and rows[0]["tp_size"] == 2 and rows[0]["ttft_s"] > 0 and rows[0]["tpot_s"] > 0

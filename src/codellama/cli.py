@@ -97,6 +97,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--quantize", default=None, choices=("int8", "int4"), help="quantize linear weights on load")
     p.add_argument("--kv-cache-dtype", default=None, choices=("auto", "int8"),
                    help="KV cache storage: auto (the model's dtype, default) or int8 (about half of bf16's memory)")
+    p.add_argument("--draft", default=None, metavar="PATH",
+                   help="speculative decoding with this draft model (requests then run one at a time)")
+    p.add_argument("--speculative-k", type=int, default=4, metavar="K", help="tokens the --draft proposes per round")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
 
@@ -134,7 +137,11 @@ def cmd_serve(args) -> None:
         if not lockstep.leader:
             from .serving.follower import follow
             return follow(llama, **engine_args)
-    engine = Engine(llama, **engine_args, lockstep=lockstep)
+    if llama.draft is not None:
+        from .serving.speculative_engine import SpeculativeEngine
+        engine = SpeculativeEngine(llama, **engine_args)
+    else:
+        engine = Engine(llama, **engine_args, lockstep=lockstep)
     config = ServerConfig(model_name=args.name or llama.name or "codellama", api_key=args.api_key or None,
                           max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens,
                           body_timeout_s=args.body_timeout, max_connections=args.max_connections,

@@ -112,15 +112,17 @@ def cmd_latency(args) -> None:
         raise CodeLlamaError("--check-slice needs --layers K and a released model name (random weights)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    hardware = args.hardware or ("local" if device.type == "cpu" else None)
+    tp, device = _tensor_parallel(resolve_device(args.device))
+    if args.check_slice and tp > 1:
+        raise CodeLlamaError("--check-slice runs in one process")
+    hardware = args.hardware or ("local" if device.type == "cpu" and tp == 1 else None)
     tokenizer = Tokenizer(DEFAULT_MODEL_DIR / "tokenizer.model")
     checkpoint = None
     if Path(args.model).expanduser().exists():  # a real checkpoint, timed whole with its own tokenizer
         from ..api import load
         checkpoint = load(args.model, device=device, dtype=None if args.dtype in ("int8", "int4") else
                           {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype],
-                          quantize=args.dtype if args.dtype in ("int8", "int4") else None)
+                          quantize=args.dtype if args.dtype in ("int8", "int4") else None, tensor_parallel=tp > 1)
         tokenizer = checkpoint.tokenizer
     rows = []
     models: dict = {}  # the random-weight models, built once for every context of the sweep
@@ -152,9 +154,10 @@ def cmd_latency(args) -> None:
             config = model_config(args.model, context, args.output_tokens)
             timing, how = time_shape(config, args.dtype, device, prompt, args.output_tokens, args.layers,
                                      args.repeats, models)
-        row = {"model": args.model, "dtype": args.dtype, "device": str(device), **timing.to_json(), **how}
+        row = {"model": args.model, "dtype": args.dtype, "device": str(device), "tp_size": tp, **timing.to_json(),
+               **how}
         if hardware:
-            pred = predict(config, context, dtype=args.dtype, hardware=hardware)
+            pred = predict(config, context, dtype=args.dtype, hardware=hardware, tp=tp)
             row["predicted"] = {"prefill_s": pred.prefill_s, "decode_s_per_token": pred.decode_s_per_token}
             row["measured_over_predicted"] = {"ttft": timing.ttft_s / pred.prefill_s,
                                               "tpot": timing.tpot_s / pred.decode_s_per_token}
@@ -225,6 +228,18 @@ def cmd_throughput(args) -> None:
                  if pred else f"{'-':>10} {'-':>9}"), flush=True)
 
     sweep(llama, text, args.concurrency, args.output_tokens, args.rounds, log=show, threads=args.threads)
+
+
+def _tensor_parallel(device):
+    """Under torchrun: join the group (each rank on its GPU, or gloo on CPU) to time this rank's share; only rank 0
+    prints. Returns the TP degree (1 outside torchrun) and this rank's device."""
+    from ..cli_generate import under_torchrun
+
+    if not under_torchrun():
+        return 1, device
+    from ..training.distributed import init_ranks
+    ranks, device = init_ranks(device)
+    return ranks.world_size, device
 
 
 def _weights_dtype(model) -> str:

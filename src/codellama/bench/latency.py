@@ -50,8 +50,16 @@ def random_model(config: ModelConfig, dtype: str, device: torch.device, seed: in
     if dtype not in DTYPES:
         raise CodeLlamaError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     float_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(dtype, torch.bfloat16)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     with torch.device("meta"):
-        model = Transformer(config).to(float_dtype)
+        if world > 1:  # under torchrun: this rank's share of the shape (tensor_parallel.py), drawn directly
+            if dtype in ("int8", "int4"):
+                raise CodeLlamaError("tensor parallelism runs float weights; use --dtype bf16, fp16 or fp32")
+            from ..tensor_parallel import TPInfo, build_sharded
+            model = build_sharded(config, world).to(float_dtype)
+            model.tp = TPInfo(torch.distributed.get_rank(), world)
+        else:
+            model = Transformer(config).to(float_dtype)
     torch.manual_seed(seed)
     if dtype not in ("int8", "int4"):
         model.to_empty(device=device)  # allocated in the target dtype: a bf16 7B never exists in float32 first

@@ -36,9 +36,15 @@ class _EngineCollector:
                                 s.prompt_tokens_cached),
                                ("engine_cancelled", "Sequences cancelled (client gone).", s.cancelled),
                                ("engine_errors", "Engine failures (a failed step, or one sequence's own).", s.errors),
-                               ("engine_batch_rows", "Sum over decode steps of rows in the batch.", s.batch_rows_sum)]:
+                               ("engine_batch_rows", "Sum over decode steps of rows in the batch.", s.batch_rows_sum),
+                               ("speculative_proposed", "Tokens a draft model proposed (serve --draft).",
+                                s.speculative_proposed),
+                               ("speculative_accepted", "Proposed tokens the target kept.", s.speculative_accepted),
+                               ("speculative_rounds", "Target verify forwards.", s.speculative_rounds)]:
             yield CounterMetricFamily(f"codellama_{name}", help_, value=v)
-        for name, help_, v in [("queue_depth", "Sequences waiting for a batch row.", e.queue_depth),
+        rate = s.speculative_accepted / s.speculative_proposed if s.speculative_proposed else 0.0
+        for name, help_, v in [("speculative_acceptance_rate", "Accepted / proposed draft tokens so far.", rate),
+                               ("queue_depth", "Sequences waiting for a batch row.", e.queue_depth),
                                ("active_sequences", "Sequences in the running batch.", e.active),
                                ("max_batch_size", "Rows of the running batch.", e.max_batch_size)]:
             yield GaugeMetricFamily(f"codellama_{name}", help_, value=v)

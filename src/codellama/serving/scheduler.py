@@ -73,6 +73,9 @@ class EngineStats:
     cancelled: int = 0
     errors: int = 0
     batch_rows_sum: int = 0  # sum over steps of active rows: mean batch = batch_rows_sum / steps
+    speculative_proposed: int = 0  # serve --draft (speculative_engine.py): tokens the draft proposed
+    speculative_accepted: int = 0  # ... and the target kept
+    speculative_rounds: int = 0  # target verify forwards
 
 
 class Engine(PrefillMixin):
@@ -148,8 +151,9 @@ class Engine(PrefillMixin):
 
     def props(self) -> dict:
         """What llama.cpp's ``GET /props`` reports about the engine: context, slots, default settings."""
+        speculative = getattr(self.llama, "draft", None) is not None
         return {"default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": self.context,
-                                                "speculative": False, "is_processing": False,
+                                                "speculative": speculative, "is_processing": False,
                                                 "params": default_params()},
                 "total_slots": self.max_batch_size, "n_ctx": self.context, "model_path": self.llama.name}
 
