@@ -3,6 +3,8 @@ stop strings, infilling and chat prompts, context and memory errors."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -303,7 +305,7 @@ def _forward_both(model: Transformer, pack: bool):
     tokens = torch.randint(3, 500, (B, P))
     pads = torch.tensor([0, 4])
     positions = (torch.arange(P).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
-    caches = [KVCache.allocate(model.config, B, P + 2) for _ in range(2)]
+    caches = [KVCache.allocate(model.config, B, P + 2, dtype=model.output.weight.dtype) for _ in range(2)]
     for c in caches:
         c.valid[1, :4] = False
     dec = decoder_for(model, pack)
@@ -440,3 +442,64 @@ def test_max_new_tokens_beyond_the_context_is_an_error_unless_shrunk(sharp_model
     assert "".join(streamed) == whole.text
     with pytest.raises(CodeLlamaError, match="max_new_tokens must be an integer"):
         llama.complete(prompt, max_new_tokens=0)
+
+
+# ---- the CPU decode fast paths (issue 18): each against the plain computation ---------------------------------
+def test_blas_gemv_equals_linear_and_follows_torch_threads():
+    """float32 batch-1 products through numpy's OpenBLAS: F.linear's values (float32 rounding), the weight shared
+    (no copy), and OpenBLAS kept at torch's thread count."""
+    from codellama.generation_forward import blas_gemv, sync_blas_threads
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 96)
+    gemv = blas_gemv(w)
+    if gemv is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS (or threadpoolctl is missing)")
+    x = torch.randn(1, 1, 96)
+    assert gemv(x).shape == (1, 1, 300)
+    torch.testing.assert_close(gemv(x), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert blas_gemv(w.bfloat16()) is None and blas_gemv(w.t()) is None  # float32, contiguous only
+    before = torch.get_num_threads()
+    numpy_blas = generation_forward._BLAS["controllers"]  # the OpenBLAS numpy loaded (found at first use)
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            sync_blas_threads()
+            assert [lib.get_num_threads() for lib in numpy_blas] == [n]
+    finally:
+        torch.set_num_threads(before)
+        sync_blas_threads()
+
+
+def test_one_query_attention_equals_sdpa():
+    from codellama.generation_forward import SMALL_ATTENTION_ELEMENTS, one_query_attention
+
+    torch.manual_seed(0)
+    for H, KV, hd, S in ((8, 2, 32, 40), (32, 8, 128, SMALL_ATTENTION_ELEMENTS // (8 * 128) + 50)):  # both branches
+        cache_k, cache_v = torch.randn(2, KV, S + 7, hd), torch.randn(2, KV, S + 7, hd)
+        k, v = cache_k[:, :, :S], cache_v[:, :, :S]  # views of a cache, as decode reads them
+        q = torch.randn(2, H, 1, hd)
+        mask = torch.rand(2, 1, 1, S) > 0.3
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(one_query_attention(q, k, v, mask), ref, rtol=1e-5, atol=1e-5)
+        got = one_query_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None).float()
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        assert (got - ref).abs().max() < 2e-2  # bfloat16 inputs: within their rounding
+
+
+def test_bfloat16_decode_fast_path_agrees_with_model_forward(sharp_model):
+    """The bf16 fast path (fused norms, q|k rotated together, one-query attention) against ``model.forward`` in
+    bf16: logits within bf16's rounding (relative 2e-2 of the logits' scale), the same greedy tokens."""
+    from codellama.generation import can_pack
+
+    model = copy.deepcopy(sharp_model).to(torch.bfloat16)
+    for pack in (False, True):
+        if pack and not can_pack(model):
+            continue
+        ref, ours = _forward_both(model, pack=pack)
+        for a, b in zip(ref, ours):
+            scale = a.abs().max()
+            assert (a.float() - b.float()).abs().max() <= 2e-2 * scale
+        prompt = [1, 17, 300, 42, 9, 250]
+        assert generate(model, [prompt], max_new_tokens=16, pack=pack)[0].tokens == \
+            _greedy_by_recompute(model, prompt, 16)
