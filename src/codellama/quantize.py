@@ -166,6 +166,10 @@ class QuantLinear(nn.Module):
         if packed is None:
             return self._fallback(x)
         shape = x.shape
+        if x.numel() == shape[-1] and x.device.type == "cpu":  # one row: a batch-1 decode step
+            decode = self._decode_kernel()
+            if decode is not None:
+                return decode(x.reshape(1, -1).float()).reshape(*shape[:-1], self.out_features).to(x.dtype)
         x2 = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
         if x2.shape[0] > self.kernel_max_rows and _fast_bf16_gemm(x.device):
             # Prefill: the packed kernels are GEMV-shaped and lose to dequantizing once into a bfloat16 GEMM
@@ -175,6 +179,10 @@ class QuantLinear(nn.Module):
         else:
             y = self._kernel(_aligned(x2), packed)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _decode_kernel(self) -> Any:
+        """A faster CPU kernel for one row of activations, or None (the default: the packed kernel serves)."""
+        return None
 
     def _kernel_for(self, device: torch.device) -> Any:
         key = str(device)
@@ -259,6 +267,42 @@ class Int8Linear(QuantLinear):
     def _kernel(self, x: Tensor, packed: Any) -> Tensor:
         op, w, s = packed
         return op(x, w, s)
+
+    def _decode_kernel(self) -> Any:
+        # fbgemm's dynamic int8 linear (PyTorch's x86 quantized engine): the row is quantized to int8 on the fly,
+        # as llama.cpp's q8_0 path quantizes its activations, and the product runs on the CPU's integer dot
+        # instructions (AVX2 / AVX-512 VNNI) instead of dequantizing weights to bf16 — 1.74x the packed bf16
+        # kernel on one core of the development machine (12 layers of the 110M config: 4.3 vs 7.4 ms). Checked
+        # once against the fallback like every kernel; the stored int8 weights and scales are used as they are.
+        if "cpu-decode" not in self._kernel_state:
+            self._kernel_state["cpu-decode"] = self._try_decode_kernel()
+        return self._kernel_state["cpu-decode"]
+
+    @torch.no_grad()
+    def _try_decode_kernel(self) -> Any:
+        import warnings
+
+        if "x86" not in torch.backends.quantized.supported_engines and \
+                "fbgemm" not in torch.backends.quantized.supported_engines:
+            return None
+        try:
+            with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the op is not
+                warnings.simplefilter("ignore")
+                zeros = torch.zeros(self.out_features, dtype=torch.long)
+                weight = torch._make_per_channel_quantized_tensor(self.weight_int8.cpu(), self.scales.cpu().double(),
+                                                                  zeros, 0)
+                packed = torch.ops.quantized.linear_prepack(weight, None)
+
+            def decode(x: Tensor) -> Tensor:
+                return torch.ops.quantized.linear_dynamic(x, packed, False)
+            probe = torch.randn(1, self.in_features, generator=torch.Generator().manual_seed(1))
+            got, want = decode(probe), self._fallback(probe)
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError, ValueError):
+            return None
+        scale = want.abs().max().clamp(min=1e-6)
+        if not bool(torch.isfinite(got).all()) or float((got - want).abs().max() / scale) > _KERNEL_CHECK_RTOL:
+            return None
+        return decode
 
 
 class Int4Linear(QuantLinear):
