@@ -8,7 +8,7 @@ our exported file against ours, and perplexity on held-out code for our precisio
     python benchmarks/vs_llamacpp.py --model src/codellama/assets/default --out vs.json
 
 Pairs compared at equal precision: llama.cpp f32 vs our fp32, f16 vs our bf16 (the 16-bit formats each engine
-runs fast on CPU), q8_0 vs our int8. Without llama-cpp-python installed the llama.cpp rows are skipped (the
+runs fast on CPU), q8_0 vs our int8, q4_0 vs our int4 (groups of 32; ours also stores a zero point per group). Without llama-cpp-python installed the llama.cpp rows are skipped (the
 script says so) and our rows and the GGUF export still run. Each row runs in its own subprocess so peak RSS is
 its own. Timing definitions are those of ``benchmarks/quantization.py``.
 """
@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quantization as qb  # noqa: E402  (shared model building and timing)
 
-OURS = ("fp32", "bf16", "int8")
-LLAMACPP = ("f32", "f16", "q8_0")
-PAIRS = {"f32": "fp32", "f16": "bf16", "q8_0": "int8"}
+OURS = ("fp32", "bf16", "int8", "int4")
+LLAMACPP = ("f32", "f16", "q8_0", "q4_0")
+PAIRS = {"f32": "fp32", "f16": "bf16", "q8_0": "int8", "q4_0": "int4"}
 GREEDY_TOKENS = 32
 
 
@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vs_llamacpp_"))
     workdir.mkdir(parents=True, exist_ok=True)
     # Our float32 and int8 checkpoints on disk first: every row then loads its model as a user would.
-    qb.prepare(args, ["int8"], workdir)
+    qb.prepare(args, ["int8", "int4"], workdir)
     args.prepared = str(workdir)
     argv = argv + ["--prepared", str(workdir)]
     files = export(args, workdir)

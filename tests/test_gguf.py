@@ -109,6 +109,28 @@ def test_export_q8_0_within_format_error(tmp_path, tiny_model, tiny_tokenizer_pa
         assert bool(((got.reshape(-1, 32) - blocks).abs() <= bound).all()), name
 
 
+def test_export_q4_0_is_the_reference_quantizer_and_loads(tmp_path, tiny_model, tiny_tokenizer_path):
+    path = cg.save_gguf(tiny_model, Tokenizer(tiny_tokenizer_path), tmp_path / "m.q4_0.gguf", outtype="q4_0")
+    tensors = _reader_tensors(path)
+    for name, value in tiny_model.state_dict().items():
+        t = tensors[cg.to_gguf_name(name)]
+        if value.dim() == 1:
+            continue
+        assert t.tensor_type == QT.Q4_0
+        np.testing.assert_array_equal(np.asarray(t.data), ref_quants.quantize(value.float().numpy(), QT.Q4_0))
+        got = torch.from_numpy(ref_quants.dequantize(np.asarray(t.data), QT.Q4_0)).reshape(-1, 32)
+        # Step d = max|x|/8 from the extreme value's side: rounding errs by d/2, and values on the other side
+        # near -extreme clamp to level 15, one step short at most.
+        bound = value.reshape(-1, 32).abs().amax(1, keepdim=True) / 8 * (1 + 2**-9) + 1e-12
+        assert bool(((got - value.reshape(-1, 32)).abs() <= bound).all()), name
+    # Our reader decodes the same values (Q4_0 is one of its supported types).
+    loaded = cg.load_gguf_model(path, device="cpu", dtype=torch.float32)
+    w = loaded.state_dict()["layers.0.feed_forward.w1.weight"]
+    t = tensors[cg.to_gguf_name("layers.0.feed_forward.w1.weight")]
+    want = torch.from_numpy(ref_quants.dequantize(np.asarray(t.data), QT.Q4_0)).reshape(w.shape)
+    torch.testing.assert_close(w, want)
+
+
 def test_export_metadata_is_what_llamacpp_reads(tmp_path, tiny_config, tiny_model, tiny_tokenizer_path):
     path = cg.save_gguf(tiny_model, Tokenizer(tiny_tokenizer_path), tmp_path / "m.gguf", outtype="f16")
     f = cg.read_gguf(path)

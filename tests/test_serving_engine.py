@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from codellama.api import CodeLlama
 from codellama.errors import CodeLlamaError
@@ -300,3 +301,20 @@ def test_penalties_and_banned_ids_in_the_engine_equal_the_library(llama):
     assert job.banned == banned_ids(llama.tokenizer, "complete") and len(job.banned) == 4
     [seq] = make_sequences(llama, job, sink=lambda i, e: None)
     assert set(job.banned) <= set(seq.request.sampling.banned_ids)
+
+
+def test_bfloat16_engine_decodes_like_the_library(tiny_tokenizer_path):
+    """bf16 on CPU: the engine's batched step and the library's both attend with ``one_query_attention``; rows of
+    different lengths joining and leaving still give each prompt its solo greedy text."""
+    model = peaked_model(128).to(torch.bfloat16)
+    llama = CodeLlama(model, Tokenizer(tiny_tokenizer_path), name="tiny-bf16")
+    lengths = [12, 30, 7, 20]
+    solo = [llama.complete(p, max_new_tokens=n) for p, n in zip(PROMPTS, lengths)]
+    engine = Engine(llama, max_batch_size=2, threads=1).start()
+    try:
+        sinks = [_run(engine, llama, p, max_tokens=n) for p, n in zip(PROMPTS, lengths)]
+        for sink, want in zip(sinks, solo):
+            final = list(sink)[-1].completion
+            assert final.tokens == want.tokens and final.text == want.text
+    finally:
+        engine.stop()

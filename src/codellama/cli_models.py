@@ -81,7 +81,7 @@ def add_convert(sub) -> None:
     p.add_argument("src", help="checkpoint directory (Meta, HF or native layout) or a .gguf file")
     p.add_argument("dst", help="new directory to write (must not exist or be empty), or a .gguf file")
     p.add_argument("--to", required=True, choices=("meta", "hf", "native", "gguf"), help="layout to write")
-    p.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0"),
+    p.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0", "q4_0"),
                    help="GGUF tensor type for 2-D weights (--to gguf; default f16)")
     p.add_argument("--shards", type=int, default=1, help="model-parallel files to split into (Meta layout only)")
     p.add_argument("--dtype", default=None, help="cast to float32, bfloat16 or float16 (default: keep the stored dtype)")

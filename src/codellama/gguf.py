@@ -309,14 +309,15 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
 
 
 # ---- writing --------------------------------------------------------------------------------------
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
 def save_gguf(model, tokenizer: Tokenizer, path: str | Path, *, outtype: str = "f16", name: str = "") -> Path:
     """Write ``model`` and ``tokenizer`` as a LLaMA GGUF with the keys and tensor names of llama.cpp's converter.
 
-    ``outtype``: f32; f16 (2-D weights in float16); q8_0 (2-D weights whose rows are a multiple of 32 in Q8_0,
-    the rest in f16). Norm vectors stay float32, as in llama.cpp's files."""
+    ``outtype``: f32; f16 (2-D weights in float16); q8_0 / q4_0 (2-D weights whose rows are a multiple of 32 in
+    Q8_0 / Q4_0 — Q4_0 by gguf-py's reference quantizer — the rest in f16). Norm vectors stay float32, as in
+    llama.cpp's files."""
     gguf = _require_gguf()
     if outtype not in OUTTYPES:
         raise CodeLlamaError(f"unknown GGUF output type {outtype!r} (use {', '.join(OUTTYPES)})")
@@ -328,8 +329,8 @@ def save_gguf(model, tokenizer: Tokenizer, path: str | Path, *, outtype: str = "
     w = gguf.GGUFWriter(path, ARCHITECTURE)
     w.add_name(name or c.name or path.stem)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
-    if outtype == "q8_0":
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[outtype])
+    if outtype in ("q8_0", "q4_0"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(c.vocab_size)
     w.add_context_length(c.max_seq_len)
@@ -350,6 +351,9 @@ def save_gguf(model, tokenizer: Tokenizer, path: str | Path, *, outtype: str = "
             w.add_tensor(gname, t.numpy())
         elif outtype == "q8_0" and t.shape[-1] % 32 == 0:
             w.add_tensor(gname, quantize_q8_0(t), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif outtype == "q4_0" and t.shape[-1] % 32 == 0:
+            q4 = gguf.GGMLQuantizationType.Q4_0
+            w.add_tensor(gname, gguf.quants.quantize(t.numpy(), q4), raw_dtype=q4)
         else:
             w.add_tensor(gname, t.to(torch.float16).numpy())
     w.write_header_to_file()

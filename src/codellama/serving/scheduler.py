@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CodeLlamaError
-from ..generation_forward import local_heads
+from ..generation_forward import local_heads, one_query_attention
 from ..generation import (DEFAULT_PREFILL_CHUNK, _completion, accept_token, available_memory, decoder_for,
                           resolve_kv_cache_dtype)
 from ..model import (KVCache, apply_rope, dequantize_kv, kv_bytes_per_token, kv_rotation, quantize_kv, rope_angles,
@@ -325,6 +325,7 @@ class Engine(PrefillMixin):
         quantized = cache.k.dtype == torch.int8
         rotation = kv_rotation(hd, self._device) if quantized else None
         h = self.model.tok_embeddings(tokens)
+        small_attention = h.device.type == "cpu" and h.dtype in (torch.bfloat16, torch.float16)
         for i, (layer, ops) in enumerate(zip(self.model.layers, dec.layers)):
             q, k, v = ops.qkv(layer.attention_norm(h))
             # One new token per row: the H/KV query heads sharing a key/value head become that head's G
@@ -344,7 +345,10 @@ class Engine(PrefillMixin):
                 k_cache[rows, :, pos] = k[:, 0]
                 v_cache[rows, :, pos] = v.view(n, KV, hd)
                 keys_, values = k_cache[:n, :, :keys], v_cache[:n, :, :keys]
-            out = F.scaled_dot_product_attention(q, keys_, values, attn_mask=mask)
+            if small_attention:  # reduced precision on CPU: two matmuls beat SDPA's flash kernel 3-14x
+                out = one_query_attention(q.view(n, H, 1, hd), keys_, values, mask).view(n, KV, H // KV, hd)
+            else:
+                out = F.scaled_dot_product_attention(q, keys_, values, attn_mask=mask)
             if rotation is not None:
                 out = rotate_kv(out, rotation)
             h = h + ops.wo(out.reshape(n, 1, H * hd))
