@@ -77,6 +77,9 @@ def ours_worker(args) -> dict:
     r = {"engine": "codellama", "precision": args.worker.removeprefix("ours-")}
     r |= qb.measure_speed(llama, args.prompt_len, args.new_tokens, args.repeats)
     r["prompt_ids"] = prompt
+    # What a decode step reads: every weight but the embedding table (a step gathers one of its rows).
+    r["weight_bytes_per_token"] = sum(t.numel() * t.element_size() for name, t in llama.model.state_dict().items()
+                                      if name != "tok_embeddings.weight")
     if not args.no_ppl:
         r |= qb.measure_perplexity(llama, args.ppl_files, args.ppl_tokens)
     r["peak_rss_bytes"] = qb.peak_rss_bytes()
@@ -120,11 +123,36 @@ def llamacpp_worker(args) -> dict:
         p, d, tokens = greedy(args.new_tokens)
         prefill, decode = min(prefill, p), min(decode, d)
     _, _, greedy_tokens = greedy(GREEDY_TOKENS)
+    from codellama.gguf_reader import read_gguf
+    streamed = sum(t.n_bytes for name, t in read_gguf(args.gguf).tensors.items() if name != "token_embd.weight")
     return {"engine": "llama.cpp", "precision": args.worker.removeprefix("llamacpp-"), "prompt_len": len(prompt),
+            "weight_bytes_per_token": streamed,
             "new_tokens": args.new_tokens, "prefill_tok_s": len(prompt) / prefill,
             "decode_tok_s": (args.new_tokens - 1) / decode, "decode_ms_per_token": 1000 * decode / (args.new_tokens - 1),
             "greedy_tokens": greedy_tokens, "tokens_timed": tokens,
             "peak_rss_bytes": qb.peak_rss_bytes()}
+
+
+def read_bandwidth(threads: int) -> float:
+    """This machine's read bandwidth at ``threads`` threads: the best of reading a 256 MiB float32 matrix as a sum
+    (torch) and as a matrix-vector product (numpy's BLAS), fastest of 5 each — the ceiling a weight stream meets."""
+    import numpy as np
+
+    from codellama.generation_forward import sync_blas_threads
+
+    torch.set_num_threads(threads)
+    sync_blas_threads()
+    big = torch.ones(8192, 8192)
+    x = np.ones(8192, np.float32)
+    a = big.numpy()
+    best = 0.0
+    for fn in (big.sum, lambda: a @ x):
+        fn()
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            best = max(best, big.numel() * 4 / (time.perf_counter() - t0))
+    return best
 
 
 def spawn(argv: list[str], worker: str, gguf: str | None = None) -> dict:
@@ -190,17 +218,26 @@ def main(argv=None) -> None:
         print(f"{r['engine']:<10} {r['precision']:<9} {r['prefill_tok_s']:>7.0f}/s {r['decode_tok_s']:>7.1f}/s "
               f"{r['peak_rss_bytes'] / 2**20:>7.0f}Mi {ppl:>10}  first {agree}/{n} equal")
     ratios = {}
+    machine_bw = read_bandwidth(args.threads)
+    for r in rows.values():
+        r["weight_gb_s"] = r["weight_bytes_per_token"] * r["decode_tok_s"] / 1e9
     if version is not None:
+        print(f"\n| pair | decode ours / llama.cpp | prefill ours / llama.cpp | weights read, GB/s: ours | llama.cpp "
+              f"| this machine's read bandwidth ({args.threads} thread{'s' if args.threads > 1 else ''}) |")
+        print("|---|---:|---:|---:|---:|---:|")
         for outtype, ours in PAIRS.items():
             a, b = rows[f"ours-{ours}"], rows[f"llamacpp-{outtype}"]
             ratios[f"{ours}/{outtype}"] = {"decode": a["decode_tok_s"] / b["decode_tok_s"],
-                                           "prefill": a["prefill_tok_s"] / b["prefill_tok_s"]}
-            print(f"ours {ours} / llama.cpp {outtype}: decode {ratios[f'{ours}/{outtype}']['decode']:.2f}x, "
-                  f"prefill {ratios[f'{ours}/{outtype}']['prefill']:.2f}x")
+                                           "prefill": a["prefill_tok_s"] / b["prefill_tok_s"],
+                                           "ours_gb_s": a["weight_gb_s"], "llamacpp_gb_s": b["weight_gb_s"]}
+            ratio = ratios[f"{ours}/{outtype}"]
+            print(f"| {ours} vs {outtype} | {ratio['decode']:.2f}x | {ratio['prefill']:.2f}x | {a['weight_gb_s']:.1f} "
+                  f"| {b['weight_gb_s']:.1f} | {machine_bw / 1e9:.1f} |")
     report = {"benchmark": "vs_llamacpp", "llama_cpp_python": version,
               "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "gguf")},
               "gguf_files": {k: {"path": str(v), "bytes": v.stat().st_size} for k, v in files.items()},
-              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                          "read_bandwidth_bytes_s": machine_bw},
               "rows": rows, "ratios": ratios}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

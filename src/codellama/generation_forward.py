@@ -37,8 +37,8 @@ def _packed_linear(weight: Tensor) -> Callable[[Tensor], Tensor]:
 
     def linear(x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows == 1 and gemv is not None:  # a batch-1 decode step: OpenBLAS streams float32 weights faster
-            return gemv(x)
+        if rows == 1 and gemv is not None and torch.get_num_threads() == 1:
+            return gemv(x)  # a batch-1 decode step on one thread: OpenBLAS streams float32 weights faster
         bucket = -(-rows // PACKED_ROW_BUCKET) * PACKED_ROW_BUCKET
         if rows <= 16 or bucket == rows:
             return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
@@ -54,8 +54,9 @@ def blas_gemv(weight: Tensor) -> Callable[[Tensor], Tensor] | None:
     None where that does not apply (not float32, not contiguous, not CPU, or numpy without OpenBLAS).
 
     Why: one row through a matrix is a pure weight stream, and on the development machine OpenBLAS's sgemv reads
-    31 GB/s on one core where oneDNN's packed kernel reads 23 (llama.cpp's own f32 loop: 32). Its threads follow
-    torch's (``sync_blas_threads``)."""
+    31 GB/s on one core where oneDNN's packed kernel reads 23 (llama.cpp's own f32 loop: 32). Used on one thread
+    only: with two, torch's OpenMP workers spin between ops on the cores OpenBLAS's threads need (a 110M decode
+    step took 105 ms against oneDNN's 19). Its threads follow torch's (``sync_blas_threads``)."""
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous() or \
             not _openblas_threads():
         return None
@@ -74,21 +75,20 @@ _BLAS: dict[str, Any] = {}
 def _openblas_threads() -> bool:
     """numpy's BLAS is OpenBLAS and its thread count can be set: then keep it at torch's (a 1-thread torch run
     must not decode on every core)."""
+    sync_blas_threads()
+    return bool(_BLAS["controllers"])
+
+
+def sync_blas_threads() -> None:
+    """Give numpy's OpenBLAS torch's current intra-op thread count (two C calls when it already has it)."""
     if "controllers" not in _BLAS:
         try:
             from threadpoolctl import ThreadpoolController
             _BLAS["controllers"] = ThreadpoolController().select(internal_api="openblas").lib_controllers
         except ImportError:
             _BLAS["controllers"] = []
-    if _BLAS["controllers"]:
-        sync_blas_threads()
-    return bool(_BLAS["controllers"])
-
-
-def sync_blas_threads() -> None:
-    """Give numpy's OpenBLAS torch's current intra-op thread count (two C calls when it already has it)."""
     n = torch.get_num_threads()
-    for lib in _BLAS.get("controllers", ()):
+    for lib in _BLAS["controllers"]:
         if lib.get_num_threads() != n:
             lib.set_num_threads(n)
 
