@@ -105,6 +105,24 @@ INFRASTRUCTURE_FAILURES = ("Address already in use", "RendezvousConnectionError"
                            "DistNetworkError")
 
 
+def serving_url(proc: subprocess.Popen, kill, timeout: float = 120) -> str:
+    """The URL a ``codellama serve`` subprocess announces on stderr ("serving NAME on URL (...)"); ``kill`` is
+    called if it has not announced within ``timeout`` seconds."""
+    import re
+    import threading
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    line = ""
+    for line in proc.stderr:
+        if line.startswith("serving "):
+            break
+    timer.cancel()
+    m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+    assert m, line
+    return m[1]
+
+
 def cmdline_has(pid: str, marker: str) -> bool:
     """Whether process ``pid`` (a /proc entry name) was started with ``marker`` in its command line."""
     try:

@@ -24,6 +24,7 @@ from codellama.selfinstruct.dedup import deduplicate
 from codellama.selfinstruct.parsing import parse_questions, parse_solution, parse_tests
 from codellama.selfinstruct.responders import Reply, Sampling
 from codellama.selfinstruct.store import read_records
+from conftest import serving_url  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "selfinstruct"
 PIPELINE = json.loads((FIXTURES / "pipeline.json").read_text())
@@ -349,16 +350,7 @@ def served():
     proc = subprocess.Popen([sys.executable, "-m", "codellama", "serve", "--port", "0", "--threads", "1",
                              "--max-batch-size", "4", "--log-level", "warning", "--name", "embedded"],
                             stderr=subprocess.PIPE, text=True, env=ENV)
-    timer = threading.Timer(120, proc.kill)
-    timer.start()
-    line = ""
-    for line in proc.stderr:
-        if line.startswith("serving "):
-            break
-    timer.cancel()
-    m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-    assert m, line
-    url = m[1]
+    url = serving_url(proc, proc.kill)
     import httpx
     for _ in range(100):
         if httpx.get(url + "/health").status_code == 200:

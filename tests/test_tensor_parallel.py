@@ -127,7 +127,6 @@ def test_serve_under_torchrun_rank0_serves_and_every_rank_steps_together(tmp_pat
     """Two gloo ranks: rank 0 serves HTTP, rank 1 replays its engine (serving/lockstep.py). Concurrent requests of
     different lengths (rows join, finish and move) give one process's greedy text; a cached prompt reuses its row."""
     import os
-    import re
     import signal
     import subprocess
     import sys
@@ -136,7 +135,7 @@ def test_serve_under_torchrun_rank0_serves_and_every_rank_steps_together(tmp_pat
     import httpx
 
     import codellama
-    from conftest import SRC
+    from conftest import SRC, serving_url
 
     prompts = ["def fibonacci(n):", "import os\n\ndef list_files(path):", "class Stack:\n    def __init__(self):",
                "# sort a list\ndef bubble_sort(xs):"]
@@ -149,16 +148,7 @@ def test_serve_under_torchrun_rank0_serves_and_every_rank_steps_together(tmp_pat
                              "--log-level", "warning"], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
                             start_new_session=True)
     try:
-        timer = threading.Timer(120, lambda: os.killpg(proc.pid, signal.SIGKILL))
-        timer.start()
-        line = ""
-        for line in proc.stderr:
-            if line.startswith("serving "):
-                break
-        timer.cancel()
-        m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-        assert m, line
-        url = m[1]
+        url = serving_url(proc, lambda: os.killpg(proc.pid, signal.SIGKILL))
         got: dict[int, str] = {}
 
         def ask(i: int) -> None:

@@ -207,7 +207,7 @@ def _emit(llama, run, args, extra=None):
     if getattr(completion, "speculative", None) is not None:  # a draft ran: its acceptance stats
         out["speculative"] = completion.speculative
     from .tensor_parallel import tp_size
-    out["tp_size"] = tp_size(llama.model)
+    out["tp_size"] = tp_size(getattr(llama, "model", None))
     out.update(extra(completion) if callable(extra) else extra or {})
     print(json.dumps(out, ensure_ascii=False))
     return completion
