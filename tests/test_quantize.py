@@ -226,3 +226,35 @@ def test_output_layer_override(tmp_path, model128, tiny_tokenizer_path):
         assert torch.equal(again.model(torch.tensor([[1, 5, 9]])), kept(torch.tensor([[1, 5, 9]])))
     with pytest.raises(CodeLlamaError, match="unknown output-layer quantization 'fp8'"):
         quantize_model(copy.deepcopy(model128), "int8", output="fp8")
+
+
+def test_int8_decode_row_runs_fbgemm_and_agrees_with_the_fallback(monkeypatch):
+    """One row of activations (a batch-1 decode step) through fbgemm's dynamic int8 linear: within the kernels'
+    check of the fallback (activations quantized to int8 per row: ~1% of the output's scale); greedy decoding
+    of a quantized model is unchanged by it; CODELLAMA_INT8_DECODE_KERNEL=0 turns it off."""
+    from codellama.generation import generate
+
+    torch.manual_seed(0)
+    layer = Int8Linear.from_weight(torch.randn(96, 64) * 0.1)
+    if layer._decode_kernel() is None:
+        pytest.skip("no x86/fbgemm quantized engine in this torch")
+    x = torch.randn(1, 1, 64)
+    want = layer._fallback(x)
+    got = layer(x)
+    assert got.shape == want.shape and float((got - want).abs().max() / want.abs().max()) < 0.02
+    fresh = Int8Linear.from_weight(torch.randn(96, 64) * 0.1)
+    monkeypatch.setenv("CODELLAMA_INT8_DECODE_KERNEL", "0")
+    assert fresh._decode_kernel() is None
+    monkeypatch.delenv("CODELLAMA_INT8_DECODE_KERNEL")
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=128)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.init_weights(std=0.3)
+    quantize_model(model, "int8")
+    prompt = [1, 17, 200, 42, 9]
+    fast = generate(model, [prompt], max_new_tokens=16)[0].tokens
+    set_kernels(False)
+    try:
+        assert generate(model, [prompt], max_new_tokens=16)[0].tokens == fast
+    finally:
+        set_kernels(True)

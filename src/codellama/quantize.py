@@ -19,6 +19,7 @@ tensors above plus the unquantized embedding and norms), ``quantization.json`` a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -269,11 +270,15 @@ class Int8Linear(QuantLinear):
         return op(x, w, s)
 
     def _decode_kernel(self) -> Any:
+        if os.environ.get("CODELLAMA_INT8_DECODE_KERNEL", "1") == "0":
+            return None  # the memory-lean choice: no second copy of the weights (see below)
         # fbgemm's dynamic int8 linear (PyTorch's x86 quantized engine): the row is quantized to int8 on the fly,
         # as llama.cpp's q8_0 path quantizes its activations, and the product runs on the CPU's integer dot
         # instructions (AVX2 / AVX-512 VNNI) instead of dequantizing weights to bf16 — 1.74x the packed bf16
         # kernel on one core of the development machine (12 layers of the 110M config: 4.3 vs 7.4 ms). Checked
         # once against the fallback like every kernel; the stored int8 weights and scales are used as they are.
+        # fbgemm packs its own copy of the weights: decoding holds the int8 weights twice (for a large model on a
+        # small machine, CODELLAMA_INT8_DECODE_KERNEL=0 keeps one copy and the packed bf16 kernel).
         if "cpu-decode" not in self._kernel_state:
             self._kernel_state["cpu-decode"] = self._try_decode_kernel()
         return self._kernel_state["cpu-decode"]
