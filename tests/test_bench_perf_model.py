@@ -249,7 +249,7 @@ def test_probe_local_is_plausible_and_cached():
     hardware._LOCAL.clear()
     start = time.perf_counter()
     local = probe_local(threads=1, seconds=1.0)
-    assert time.perf_counter() - start < 3.0
+    assert time.perf_counter() - start < 1.0 + 5.0  # the timed budget plus the operands' set-up (see probe_local)
     assert local.name == "local-cpu" and local.kind == "cpu" and local.interconnect_bytes_s is None
     assert 1e9 <= local.bandwidth_bytes_s <= 1e12
     assert 1e9 <= local.flops["fp32"] <= 1e13 and local.flops["bf16"] > 1e8

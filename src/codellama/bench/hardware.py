@@ -100,9 +100,11 @@ def _copy(profile: HardwareProfile) -> HardwareProfile:
 
 
 def probe_local(threads: int | None = None, seconds: float = 2.0) -> HardwareProfile:
-    """The local CPU measured in about ``seconds``: read bandwidth of a large tensor, matmul FLOP/s in fp32 and
-    bf16, and the weight-streaming rate of a matrix-vector product (decode's kernel) per dtype, all with
-    ``threads`` torch threads (default: torch's current setting). Cached per thread count."""
+    """The local CPU measured in about ``seconds`` of timed calls: read bandwidth of a large tensor, matmul FLOP/s
+    in fp32 and bf16, and the weight-streaming rate of a matrix-vector product (decode's kernel) per dtype, all with
+    ``threads`` torch threads (default: torch's current setting). Cached per thread count. Building the operands
+    adds a fixed ~1.5-3 s on a 2-core machine (64 MiB int8/int4 layers with their one-time kernel checks, past the
+    last-level cache so that they measure memory, not cache)."""
     import torch  # lazily: the predictor itself must stay cheap to import
 
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
@@ -231,19 +233,28 @@ def _matmul_flops(torch, dtype, budget: float, packed=None) -> float:
 
 
 def _prefill_attention_flops(torch, dtype, budget: float) -> float:
-    # A later prefill chunk: 1024 queries against 2048 cached keys under a causal bool mask, 8 query heads sharing
-    # one KV head (GQA). Masked SDPA computes every query-key pair, so its rate is counted over all of them; the
-    # first, unmasked chunk runs the causal flash kernel at the same rate on the pairs it computes (the
-    # predictor counts those: perf_model.prefill_attention_pairs). CPU attention runs at a fifth of the matmul rate.
-    rows, keys, heads, hd = 1024, 2048, 8, 128
-    q = torch.full((1, heads, rows, hd), 0.01, dtype=dtype)
-    k = torch.full((1, 1, keys, hd), 0.01, dtype=dtype)
-    v = torch.full((1, 1, keys, hd), 0.01, dtype=dtype)
-    slots = torch.arange(keys)
-    mask = slots.unsqueeze(0) <= slots[keys - rows:].unsqueeze(1)
-    sdpa = partial(torch.nn.functional.scaled_dot_product_attention, q, k, v, attn_mask=mask, enable_gqa=True)
+    # A later prefill chunk: queries against twice as many cached keys under a causal bool mask, 8 query heads
+    # sharing one KV head (GQA). Masked SDPA computes every query-key pair, so its rate is counted over all of them;
+    # the first, unmasked chunk runs the causal flash kernel at the same rate on the pairs it computes (the
+    # predictor counts those: perf_model.prefill_attention_pairs). CPU attention runs at a fifth of the matmul
+    # rate. The queries double from 128 up to 1024 while a call stays within a tenth of the budget.
+    heads, hd = 8, 128
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rows = 128
     with torch.inference_mode():
-        return 4 * hd * heads * rows * keys / _best_time(sdpa, budget)
+        while True:
+            keys = 2 * rows
+            q = torch.full((1, heads, rows, hd), 0.01, dtype=dtype)
+            kv = torch.full((1, 1, keys, hd), 0.01, dtype=dtype)
+            slots = torch.arange(keys)
+            call = partial(sdpa, q, kv, kv, attn_mask=slots.unsqueeze(0) <= slots[keys - rows:].unsqueeze(1),
+                           enable_gqa=True)
+            start = time.perf_counter()
+            call()
+            if rows >= 1024 or time.perf_counter() - start > budget / 10:
+                break
+            rows *= 2
+        return 4 * hd * heads * rows * keys / _best_time(call, budget)
 
 
 def _gemv_bandwidth(torch, dtype, budget: float, packed=None) -> float:
