@@ -252,6 +252,8 @@ def test_int8_decode_row_runs_fbgemm_and_agrees_with_the_fallback(monkeypatch):
     model.init_weights(std=0.3)
     quantize_model(model, "int8")
     prompt = [1, 17, 200, 42, 9]
+    from codellama.generation_forward import _int8_layer
+    assert _int8_layer(model.layers[0]) is not None  # decode rows run q|k|v and w1|w3 as one product each
     fast = generate(model, [prompt], max_new_tokens=16)[0].tokens
     set_kernels(False)
     try:

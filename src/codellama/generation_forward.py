@@ -139,6 +139,34 @@ def _plain_layer(layer) -> _LayerOps:
     return _LayerOps(qkv=lambda x: (a.wq(x), a.wk(x), a.wv(x)), wo=a.wo, ffn=f)
 
 
+def _int8_layer(layer) -> _LayerOps | None:
+    """int8 layers on CPU: a decode row runs q|k|v and w1|w3 as one fbgemm product each (``quantize.py``);
+    longer inputs (prefill) go through the layers themselves. None where the fused kernels do not apply."""
+    from .quantize import fused_int8_row_kernel
+
+    a, f = layer.attention, layer.feed_forward
+    qkv_row, w13_row = fused_int8_row_kernel([a.wq, a.wk, a.wv]), fused_int8_row_kernel([f.w1, f.w3])
+    if qkv_row is None or w13_row is None:
+        return None
+    sizes = [a.wq.out_features, a.wk.out_features, a.wv.out_features]
+    hidden = f.w1.out_features
+
+    def row(kernel, x: Tensor) -> Tensor:
+        return kernel(x.reshape(1, -1).float()).to(x.dtype).view(*x.shape[:-1], -1)
+
+    def qkv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if x.numel() != x.shape[-1]:
+            return a.wq(x), a.wk(x), a.wv(x)
+        return row(qkv_row, x).split(sizes, dim=-1)
+
+    def ffn(x: Tensor) -> Tensor:
+        if x.numel() != x.shape[-1]:
+            return f(x)
+        gate, up = row(w13_row, x).split(hidden, dim=-1)
+        return f.w2(torch.nn.functional.silu(gate) * up)
+    return _LayerOps(qkv=qkv, wo=a.wo, ffn=ffn)
+
+
 def _packed_layer(layer) -> _LayerOps:
     a, f = layer.attention, layer.feed_forward
     # Fused q|k|v and w1|w3: one packed product each instead of three and two.
@@ -226,7 +254,8 @@ def decoder_for(model: Transformer, pack: bool | None = None) -> Decoder:
             dec = Decoder([_packed_layer(layer) for layer in model.layers], _packed_linear(model.output.weight),
                           True, versions)
         else:
-            dec = Decoder([_plain_layer(layer) for layer in model.layers], model.output, False, versions)
+            dec = Decoder([_int8_layer(layer) or _plain_layer(layer) for layer in model.layers], model.output,
+                          False, versions)
     _DECODERS[model] = dec
     return dec
 

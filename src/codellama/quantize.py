@@ -283,31 +283,49 @@ class Int8Linear(QuantLinear):
             self._kernel_state["cpu-decode"] = self._try_decode_kernel()
         return self._kernel_state["cpu-decode"]
 
-    @torch.no_grad()
     def _try_decode_kernel(self) -> Any:
-        import warnings
+        return int8_row_kernel(self.weight_int8, self.scales)
 
-        if "x86" not in torch.backends.quantized.supported_engines and \
-                "fbgemm" not in torch.backends.quantized.supported_engines:
-            return None
-        try:
-            with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the op is not
-                warnings.simplefilter("ignore")
-                zeros = torch.zeros(self.out_features, dtype=torch.long)
-                weight = torch._make_per_channel_quantized_tensor(self.weight_int8.cpu(), self.scales.cpu().double(),
-                                                                  zeros, 0)
-                packed = torch.ops.quantized.linear_prepack(weight, None)
 
-            def decode(x: Tensor) -> Tensor:
-                return torch.ops.quantized.linear_dynamic(x, packed, False)
-            probe = torch.randn(1, self.in_features, generator=torch.Generator().manual_seed(1))
-            got, want = decode(probe), self._fallback(probe)
-        except (RuntimeError, NotImplementedError, AttributeError, TypeError, ValueError):
-            return None
-        scale = want.abs().max().clamp(min=1e-6)
-        if not bool(torch.isfinite(got).all()) or float((got - want).abs().max() / scale) > _KERNEL_CHECK_RTOL:
-            return None
-        return decode
+@torch.no_grad()
+def int8_row_kernel(weight_int8: Tensor, scales: Tensor) -> Any:
+    """fbgemm's dynamic int8 linear for one row of float32 activations (``Int8Linear._decode_kernel``), over int8
+    weights [N, K] with per-row ``scales``: a callable x [1, K] -> [1, N], or None where the engine is missing or
+    the kernel disagrees with the dequantizing product on a probe row."""
+    import warnings
+
+    if "x86" not in torch.backends.quantized.supported_engines and \
+            "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    try:
+        with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the op is not
+            warnings.simplefilter("ignore")
+            zeros = torch.zeros(weight_int8.shape[0], dtype=torch.long)
+            weight = torch._make_per_channel_quantized_tensor(weight_int8.cpu(), scales.cpu().double(), zeros, 0)
+            packed = torch.ops.quantized.linear_prepack(weight, None)
+
+        def decode(x: Tensor) -> Tensor:
+            return torch.ops.quantized.linear_dynamic(x, packed, False)
+        probe = torch.randn(1, weight_int8.shape[1], generator=torch.Generator().manual_seed(1))
+        got, want = decode(probe), F.linear(probe, weight_int8.float()) * scales.float()
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError, ValueError):
+        return None
+    scale = want.abs().max().clamp(min=1e-6)
+    if not bool(torch.isfinite(got).all()) or float((got - want).abs().max() / scale) > _KERNEL_CHECK_RTOL:
+        return None
+    return decode
+
+
+def fused_int8_row_kernel(layers: list[nn.Module]) -> Any:
+    """One ``int8_row_kernel`` for several int8 layers reading the same input (q|k|v, w1|w3): one product per
+    decode step instead of three or two. fbgemm packs its own copy, so the concatenation is freed at once and the
+    layers' own row kernels are never built; None unless every layer is an ``Int8Linear`` the kernel applies to."""
+    if os.environ.get("CODELLAMA_INT8_DECODE_KERNEL", "1") == "0" or not _kernels_enabled:
+        return None
+    if not all(type(m) is Int8Linear and m.weight_int8.device.type == "cpu" for m in layers) or \
+            len({m.in_features for m in layers}) != 1:
+        return None
+    return int8_row_kernel(torch.cat([m.weight_int8 for m in layers]), torch.cat([m.scales for m in layers]))
 
 
 class Int4Linear(QuantLinear):
