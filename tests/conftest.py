@@ -105,9 +105,9 @@ INFRASTRUCTURE_FAILURES = ("Address already in use", "RendezvousConnectionError"
                            "DistNetworkError")
 
 
-def serving_url(proc: subprocess.Popen, kill, timeout: float = 120) -> str:
-    """The URL a ``codellama serve`` subprocess announces on stderr ("serving NAME on URL (...)"); ``kill`` is
-    called if it has not announced within ``timeout`` seconds."""
+def serving_url(proc: subprocess.Popen, kill, timeout: float = 120, expect: str = "") -> str:
+    """The URL a ``codellama serve`` subprocess announces on stderr ("serving NAME on URL (...)"), whose line must
+    also contain ``expect``; ``kill`` is called if it has not announced within ``timeout`` seconds."""
     import re
     import threading
 
@@ -119,7 +119,7 @@ def serving_url(proc: subprocess.Popen, kill, timeout: float = 120) -> str:
             break
     timer.cancel()
     m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-    assert m, line
+    assert m and expect in line, line
     return m[1]
 
 

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -29,7 +28,7 @@ from codellama.model import Transformer  # noqa: E402
 from codellama.serving.app import ServerConfig, create_app, running_server  # noqa: E402
 from codellama.serving.scheduler import Engine  # noqa: E402
 from codellama.tokenizer import Tokenizer  # noqa: E402
-from conftest import peaked_model  # noqa: E402
+from conftest import peaked_model, serving_url  # noqa: E402
 
 CONTEXT = 128
 PROMPTS = ["def foo(x):", "import os\n", "class A:\n    def", "x = [1, 2,", "for i in range(",
@@ -380,16 +379,7 @@ def test_cli_serve_binds_loopback_and_serves(checkpoint):
                              "--max-batch-size", "2", "--api-key", "k", "--log-level", "warning", "--threads", "1"],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
-        line = ""
-        timer = threading.Timer(60, proc.kill)
-        timer.start()
-        for line in proc.stderr:
-            if line.startswith("serving "):
-                break
-        timer.cancel()
-        m = re.search(r"on (http://127\.0\.0\.1:\d+) \(batch 2, context 128\)", line)
-        assert m, line
-        url = m[1]
+        url = serving_url(proc, proc.kill, 60, expect="(batch 2, context 128)")
         assert httpx.get(url + "/health").json()["status"] == "ok"
         r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3, "temperature": 0},
                        headers={"Authorization": "Bearer k"})
