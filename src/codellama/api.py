@@ -32,6 +32,11 @@ def resolve_model_path(path: str | Path | None) -> str | Path | None:
     return path
 
 
+def _label(path: str | Path) -> str:
+    """A loaded model's name when its config has none: the embedded model's name, else the path's last part."""
+    return next((n for n, d in BUNDLED_MODELS.items() if Path(path) == d), Path(path).name)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         if torch.cuda.is_available():
@@ -207,8 +212,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
         path = DEFAULT_MODEL_DIR if path is None else resolve_model_path(path)
         model = load_on_ranks(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
         tok = load_tokenizer(path, tokenizer)
-        name = next((n for n, d in BUNDLED_MODELS.items() if Path(path) == d), Path(path).name)
-        return CodeLlama(model, tok, name=model.config.name or name, kv_cache_dtype=kv_cache_dtype)
+        return CodeLlama(model, tok, name=model.config.name or _label(path), kv_cache_dtype=kv_cache_dtype)
 
     if path is None:
         if not (DEFAULT_MODEL_DIR / "params.json").is_file():
@@ -229,6 +233,5 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
             raise CodeLlamaError(f"{path} is already quantized; load it without quantize=")
         quantize_model(model, quantize, group_size)
     tok = load_tokenizer(path, tokenizer)
-    name = next((n for n, d in BUNDLED_MODELS.items() if Path(path) == d), Path(path).name)
-    return CodeLlama(model, tok, name=model.config.name or name, kv_cache_dtype=kv_cache_dtype, draft=draft,
+    return CodeLlama(model, tok, name=model.config.name or _label(path), kv_cache_dtype=kv_cache_dtype, draft=draft,
                      speculative_k=speculative_k)

@@ -45,6 +45,17 @@ _KERNEL_CHECK_RTOL = 0.05
 _kernels_enabled = True
 
 
+def _agrees(got: Tensor, want: Tensor) -> bool:
+    """A kernel's probe output against the fallback's: finite and within ``_KERNEL_CHECK_RTOL`` of its scale."""
+    scale = want.abs().max().clamp(min=1e-6)
+    return bool(torch.isfinite(got).all()) and float((got - want).abs().max() / scale) <= _KERNEL_CHECK_RTOL
+
+
+def _int8_decode_kernels_on() -> bool:
+    # CODELLAMA_INT8_DECODE_KERNEL=0: no fbgemm copy of the weights (see Int8Linear._decode_kernel).
+    return _kernels_enabled and os.environ.get("CODELLAMA_INT8_DECODE_KERNEL", "1") != "0"
+
+
 def _fast_bf16_gemm(device: torch.device) -> bool:
     if device.type != "cpu":
         return device.type == "cuda"
@@ -202,10 +213,7 @@ class QuantLinear(nn.Module):
             want = self._fallback(probe.float()).float()
         except (RuntimeError, NotImplementedError, AttributeError, TypeError, ValueError):
             return None
-        scale = want.abs().max().clamp(min=1e-6)
-        if not bool(torch.isfinite(got).all()) or float((got - want).abs().max() / scale) > _KERNEL_CHECK_RTOL:
-            return None
-        return packed
+        return packed if _agrees(got, want) else None
 
     def uses_kernel(self, device: torch.device | str | None = None) -> bool:
         device = torch.device(device) if device is not None else self.weight.device
@@ -270,7 +278,7 @@ class Int8Linear(QuantLinear):
         return op(x, w, s)
 
     def _decode_kernel(self) -> Any:
-        if os.environ.get("CODELLAMA_INT8_DECODE_KERNEL", "1") == "0":
+        if not _int8_decode_kernels_on():
             return None  # the memory-lean choice: no second copy of the weights (see below)
         # fbgemm's dynamic int8 linear (PyTorch's x86 quantized engine): the row is quantized to int8 on the fly,
         # as llama.cpp's q8_0 path quantizes its activations, and the product runs on the CPU's integer dot
@@ -310,17 +318,14 @@ def int8_row_kernel(weight_int8: Tensor, scales: Tensor) -> Any:
         got, want = decode(probe), F.linear(probe, weight_int8.float()) * scales.float()
     except (RuntimeError, NotImplementedError, AttributeError, TypeError, ValueError):
         return None
-    scale = want.abs().max().clamp(min=1e-6)
-    if not bool(torch.isfinite(got).all()) or float((got - want).abs().max() / scale) > _KERNEL_CHECK_RTOL:
-        return None
-    return decode
+    return decode if _agrees(got, want) else None
 
 
 def fused_int8_row_kernel(layers: list[nn.Module]) -> Any:
     """One ``int8_row_kernel`` for several int8 layers reading the same input (q|k|v, w1|w3): one product per
     decode step instead of three or two. fbgemm packs its own copy, so the concatenation is freed at once and the
     layers' own row kernels are never built; None unless every layer is an ``Int8Linear`` the kernel applies to."""
-    if os.environ.get("CODELLAMA_INT8_DECODE_KERNEL", "1") == "0" or not _kernels_enabled:
+    if not _int8_decode_kernels_on():
         return None
     if not all(type(m) is Int8Linear and m.weight_int8.device.type == "cpu" for m in layers) or \
             len({m.in_features for m in layers}) != 1:

@@ -226,7 +226,8 @@ def _measured_latency(rows: list[dict]) -> list[str]:
         pred = r.get("predicted") or {}
         ratio = r.get("measured_over_predicted") or {}
         text.append(f"| {r['model']} | {r.get('device', 'cpu')} | {r['dtype']} | {r['context']:,} | "
-                    f"{r.get('layers_timed')} | {r['ttft_s']:.2f} | {pred.get('prefill_s', nan):.2f} | {ratio.get('ttft', nan):.2f} | "
+                    f"{r.get('layers_timed')} | {r['ttft_s']:.2f} | {pred.get('prefill_s', nan):.2f} | "
+                    f"{ratio.get('ttft', nan):.2f} | "
                     f"{r['tpot_s'] * 1000:.1f} | {pred.get('decode_s_per_token', nan) * 1000:.1f} | "
                     f"{ratio.get('tpot', nan):.2f} |")
     return text + [""]
@@ -298,8 +299,9 @@ def write_report(out: str | Path, measured: list[dict] | None = None) -> dict[st
     if throughput_rows:
         text += _measured_throughput(throughput_rows)
     if not measured:
-        text += ["## Measured", "", "No measurements in this report. Run `codellama bench report --measured ROWS.jsonl` "
-                 "with rows from `codellama bench latency --json` or `codellama bench throughput --json`.", ""]
+        text += ["## Measured", "", "No measurements in this report. Run `codellama bench report --measured "
+                 "ROWS.jsonl` with rows from `codellama bench latency --json` or `codellama bench throughput --json`.",
+                 ""]
     if not any(r.get("device", "cpu").startswith("cuda") for r in measured):
         text += ["## GPU measurements", "", "None: no GPU was available where this report was generated, so the GPU "
                  "numbers above are predicted. `benchmarks/gpu_check_bench.sh` measures 34B (bf16) and 70B (int8) "

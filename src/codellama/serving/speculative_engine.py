@@ -71,9 +71,10 @@ class SpeculativeEngine(Engine):
                     self._emit(seq, tok, now)
                 if seq.cancelled and not request.finished:
                     request.finish("cancelled")  # the generator stops before its next token
-        for key, value in stats[0].as_dict().items():
-            if key in ("proposed", "accepted", "rounds"):
-                setattr(self.stats, f"speculative_{key}", getattr(self.stats, f"speculative_{key}") + value)
+        done = stats[0]
+        self.stats.speculative_proposed += done.proposed
+        self.stats.speculative_accepted += done.accepted
+        self.stats.speculative_rounds += done.rounds
         self._finish(seq, "cancelled" if seq.cancelled and request.finish_reason == "cancelled" else None)
 
     def _emit(self, seq, tok: int, now: float) -> None:
