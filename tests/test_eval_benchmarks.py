@@ -437,3 +437,25 @@ def test_evaluate_rejects_a_completion_that_is_not_text(mbpp_file, tmp_path, cap
     path.write_text('{"task_id": "MBPP/11", "completion": "x"}\n{"task_id": "MBPP/12", "completion": 7}\n')
     code, _, err = _run(["eval", "evaluate", str(path), "--data", str(mbpp_file), "--no-progress"], capsys)
     assert code == 2 and "line 2" in err and "completion" in err and "Traceback" not in err
+
+
+# ---- issue 19 item 5: a random-span-light samples file is scored, its subset told by its ids --------------------
+@pytest.mark.parametrize("named", [False, True])
+def test_evaluate_scores_a_random_span_light_file(named, tmp_path, capsys):
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval-infilling"
+    light = data / "HumanEval-RandomSpanInfillingLight.jsonl.gz"
+    if not light.exists():
+        pytest.skip("../shared/data/humaneval-infilling is absent")
+    with gzip.open(light, "rt") as f:
+        rows = [json.loads(line) for line in f][:4]
+    path = tmp_path / "light.jsonl"
+    with open(path, "w") as f:  # oracle middles for three tasks, a wrong one for the fourth
+        for i, r in enumerate(rows):
+            middle = r["canonical_solution"] if i < 3 else "    return None\n"
+            f.write(json.dumps({"task_id": r["task_id"], "completion": middle}) + "\n")
+    extra = ["--benchmark", "humaneval-infilling"] if named else []
+    code, out, err = _run(["eval", "evaluate", str(path), "--data", str(data), "--no-progress", *extra], capsys)
+    assert code == 0, err
+    res = json.loads(path.with_suffix(".results.json").read_text())
+    assert res["settings"]["subset"] == "random-span-light" and res["metrics"]["pass@1"] == pytest.approx(3 / 4)
+    assert res["metrics"]["exact_match"] == pytest.approx(3 / 4)

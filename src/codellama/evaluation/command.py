@@ -326,7 +326,7 @@ def infer_benchmark(task_ids: list[str], replies: bool) -> dict:
     if first.startswith("MBPP/"):
         return {"benchmark": "mbpp", "chat": replies}
     for subset, prefix in (("single-line", "SingleLineInfilling/"), ("multi-line", "MultiLineInfilling/"),
-                           ("random-span", "RandomSpanInfilling/")):
+                           ("random-span", "RandomSpanInfilling/"), ("random-span-light", "RandomSpanInfillingLight/")):
         if first.startswith(prefix):
             return {"benchmark": "humaneval-infilling", "subset": subset}
     raise CodeLlamaError(f"cannot tell the benchmark from task id {first!r}; pass --benchmark")
@@ -350,7 +350,13 @@ def run_evaluate(args) -> None:
         if "sample" not in r:
             r["sample"] = counter.get(r["task_id"], 0)
         counter[r["task_id"]] = counter.get(r["task_id"], 0) + 1
-    info = infer_benchmark([r["task_id"] for r in rows], any("reply" in r for r in rows))
+    replies = any("reply" in r for r in rows)
+    # What the user names wins; the task ids only fill in what was not given (a file they do not describe fails).
+    if args.benchmark and (args.benchmark != "humaneval-infilling" or args.subset) and \
+            (args.benchmark != "mbpp-infilling" or args.mask):
+        info = {"benchmark": args.benchmark, "chat": replies}
+    else:
+        info = infer_benchmark([r["task_id"] for r in rows], replies)
     bench = args.benchmark or info["benchmark"]
     mask = args.mask or info.get("mask", "line")
     subset = args.subset or info.get("subset", "single-line")
