@@ -92,3 +92,87 @@ def summarize(per_problem: Mapping[str, Mapping[str, float]]) -> dict[str, float
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in keys:
                 keys.append(key)
     return {key: aggregate(row[key] for row in per_problem.values() if key in row) for key in keys}
+
+
+# Reference-exact code-completion metrics (CodeXGLUE / LCC definitions), as cited by reports.
+
+METRIC_DEFINITIONS: dict[str, str] = {
+    "exact_match_codexglue": "CodeXGLUE/LCC: pred.strip().split() == gt.strip().split() (whitespace-token equality)",
+    "indel_ratio": "rapidfuzz fuzz.ratio: 100 * (1 - indel / (len(a) + len(b))), indel = len(a)+len(b)-2*LCS; "
+                   "100 for two empty strings",
+    "edit_similarity_lcc": "LCC edit similarity: indel_ratio(pred.strip(), gt.strip()), 0-100",
+    "edit_similarity": "1 - levenshtein / max(len) on raw strings, 0-1 (this project's own definition)",
+    "bleu": "CodeXGLUE bleu.py compute_bleu(max_order=4, smooth=True): corpus BLEU-4 on whitespace tokens, "
+            "p_n = (matches_n + 1) / (possible_n + 1) for every n, brevity penalty exp(1 - r/c) when c <= r, 0-100",
+}
+
+
+def exact_match_codexglue(pred: str, gt: str) -> bool:
+    """CodeXGLUE / LCC exact match: equal lists of whitespace-separated tokens."""
+    return pred.strip().split() == gt.strip().split()
+
+
+def _lcs_length(a: str, b: str) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for ca in a:
+        cur = [0]
+        for j, cb in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if ca == cb else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def indel_ratio(a: str, b: str) -> float:
+    """rapidfuzz ``fuzz.ratio``: ``100 * (1 - indel / (len(a) + len(b)))`` where the Indel distance (insertions
+    and deletions only) is ``len(a) + len(b) - 2 * LCS(a, b)``; 100.0 for two empty strings. O(min) memory."""
+    total = len(a) + len(b)
+    if total == 0:
+        return 100.0
+    indel = total - 2 * _lcs_length(a, b)
+    return 100.0 * (1.0 - indel / total)
+
+
+def edit_similarity_lcc(pred: str, gt: str) -> float:
+    """The edit similarity LCC reports: ``fuzz.ratio(pred.strip(), gt.strip())``, 0-100."""
+    return indel_ratio(pred.strip(), gt.strip())
+
+
+def _ngram_counts(tokens: Sequence[str], max_order: int) -> dict[tuple[str, ...], int]:
+    counts: dict[tuple[str, ...], int] = {}
+    for order in range(1, max_order + 1):
+        for i in range(len(tokens) - order + 1):
+            gram = tuple(tokens[i:i + order])
+            counts[gram] = counts.get(gram, 0) + 1
+    return counts
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str], max_order: int = 4) -> float:
+    """Corpus BLEU-4 on whitespace tokens, 0-100, as CodeXGLUE's ``bleu.py`` ``compute_bleu(smooth=True)``:
+    clipped n-gram matches summed over the corpus, ``p_n = (matches_n + 1) / (possible_n + 1)`` for every
+    order, geometric mean, brevity penalty ``exp(1 - ref_len / pred_len)`` when ``pred_len <= ref_len``
+    (0 for an empty corpus of predictions). One reference per prediction."""
+    if len(predictions) != len(references):
+        raise CodeLlamaError(f"bleu: {len(predictions)} predictions but {len(references)} references")
+    matches = [0] * max_order
+    possible = [0] * max_order
+    pred_len = ref_len = 0
+    for pred, ref in zip(predictions, references):
+        p_toks, r_toks = pred.split(), ref.split()
+        pred_len += len(p_toks)
+        ref_len += len(r_toks)
+        r_counts = _ngram_counts(r_toks, max_order)
+        for gram, n in _ngram_counts(p_toks, max_order).items():
+            matches[len(gram) - 1] += min(n, r_counts.get(gram, 0))
+        for order in range(1, max_order + 1):
+            possible[order - 1] += max(0, len(p_toks) - order + 1)
+    log_sum = sum(math.log((m + 1.0) / (p + 1.0)) for m, p in zip(matches, possible))
+    geo_mean = math.exp(log_sum / max_order)
+    if pred_len == 0:
+        return 0.0
+    ratio = pred_len / ref_len if ref_len else math.inf
+    bp = 1.0 if ratio > 1.0 else math.exp(1.0 - 1.0 / ratio)
+    return 100.0 * geo_mean * bp
