@@ -55,25 +55,19 @@ def _truncate_left(tokenizer, text: str, context_tokens: int) -> str:
 
     if fits(0):
         return text
+
+    def first_fitting(points: Sequence[int]) -> int | None:
+        # Binary search: a later start is a shorter suffix, so (for a sane tokenizer) fitting is monotone.
+        lo, hi = 0, len(points)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(points[mid]) else (mid + 1, hi)
+        return points[lo] if lo < len(points) else None
+
     starts = [i + 1 for i, ch in enumerate(text) if ch == "\n" and i + 1 < len(text)]
-    lo, hi = 0, len(starts)  # binary search the first line start that fits (token count shrinks with the suffix)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fits(starts[mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo < len(starts):
-        start = starts[lo]
-    else:  # even the last line is too long: cut inside it
-        a, b = (starts[-1] if starts else 0), len(text)
-        while a < b:
-            mid = (a + b) // 2
-            if fits(mid):
-                b = mid
-            else:
-                a = mid + 1
-        start = a
+    start = first_fitting(starts)
+    if start is None:  # even the last line is too long: cut inside it
+        start = first_fitting(range(starts[-1] if starts else 0, len(text))) or len(text)
     while start < len(text) and not fits(start):  # guarantee the bound even where counts are not monotone
         start += 1
     return text[start:]
