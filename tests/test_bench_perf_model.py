@@ -249,7 +249,9 @@ def test_probe_local_is_plausible_and_cached():
     hardware._LOCAL.clear()
     start = time.perf_counter()
     local = probe_local(threads=1, seconds=1.0)
-    assert time.perf_counter() - start < 1.0 + 5.0  # the timed budget plus the operands' set-up (see probe_local)
+    # The timed budget plus the operands' set-up (see probe_local); generous: a loaded 2-core CI runner took 7.2 s,
+    # and what this guards against is a probe that ignores its budget (minutes), not seconds of set-up.
+    assert time.perf_counter() - start < 1.0 + 29.0
     assert local.name == "local-cpu" and local.kind == "cpu" and local.interconnect_bytes_s is None
     assert 1e9 <= local.bandwidth_bytes_s <= 1e12
     assert 1e9 <= local.flops["fp32"] <= 1e13 and local.flops["bf16"] > 1e8
