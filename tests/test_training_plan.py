@@ -380,3 +380,10 @@ def test_cli_plan_prints_the_table_and_refuses_what_cannot_fit(tmp_path):
     assert big.stderr.startswith("error: memory plan: needs ") and big.stderr.count("\n") == 1
     assert "Traceback" not in big.stderr
     assert not (tmp_path / "runs").exists() and not os.path.exists("runs/plan-test")  # nothing was started
+
+
+def test_plan_table_names_model_sizes_readably():
+    assert memory_plan(_seven_b(), world_size=1, device_memory=1000 * GiB).table().startswith(
+        "memory plan: run (recipe): 6.74B parameters")
+    tiny = memory_plan(TrainConfig(**TINY, precision="fp32", device="cpu"), world_size=1, device_memory=GiB)
+    assert re.search(r": 0\.\d\dM parameters \(", tiny.table().splitlines()[0]), tiny.table()

@@ -270,7 +270,7 @@ class MemoryPlan:
         memory = (f"{self.device_memory / GiB:.1f} GiB" if self.device_memory is not None
                   else f"unknown (set {ENV_DEVICE_MEMORY})")
         lines = [
-            f"memory plan: {mc.name or 'model'} ({self.source}): {self.total_params / 1e9:.2f}B parameters "
+            f"memory plan: {mc.name or 'model'} ({self.source}): {_count(self.total_params)} parameters "
             f"({self.trainable_params / 1e6:,.1f}M trainable), {mc.n_layers} layers, dim {mc.dim}, "
             f"vocab {mc.vocab_size}",
             f"world size {self.world_size}, {method}, activation checkpointing "
@@ -528,3 +528,8 @@ def _checkpoint_shape(src: Path) -> tuple[ModelConfig, str]:
         except Exception:  # a damaged latest: the trainer falls back to the previous one, so do we
             continue
     raise CodeLlamaError(f"init_from: {src}: no readable checkpoint ({', '.join(p.name for p in run)})")
+
+
+def _count(n: int) -> str:
+    """1.79M, 6.74B: a size a reader can compare (a tiny model used to print as 0.00B)."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
