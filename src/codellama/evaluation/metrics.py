@@ -176,3 +176,31 @@ def bleu(predictions: Sequence[str], references: Sequence[str], max_order: int =
     ratio = pred_len / ref_len if ref_len else math.inf
     bp = 1.0 if ratio > 1.0 else math.exp(1.0 - 1.0 / ratio)
     return 100.0 * geo_mean * bp
+
+
+def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of ``values`` (one value per problem): draw
+    ``n_resamples`` resamples of the problems with replacement, take each one's mean, and return the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of those means (linear interpolation between order
+    statistics, numpy's default). Seeded, so the same values always give the same interval."""
+    import random
+
+    values = [float(v) for v in values]
+    if not values:
+        raise CodeLlamaError("bootstrap_ci: no values")
+    if not isinstance(n_resamples, int) or n_resamples < 2:
+        raise CodeLlamaError(f"bootstrap_ci: n_resamples must be an integer >= 2, got {n_resamples!r}")
+    if not 0.0 < level < 1.0:
+        raise CodeLlamaError(f"bootstrap_ci: level must be in (0, 1), got {level!r}")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(n_resamples))
+
+    def quantile(q: float) -> float:
+        pos = q * (n_resamples - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, n_resamples - 1)
+        return means[lo] + (means[hi] - means[lo]) * (pos - lo)
+
+    return quantile((1.0 - level) / 2), quantile((1.0 + level) / 2)
