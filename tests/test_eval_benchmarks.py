@@ -152,41 +152,34 @@ def test_mbpp_end_to_end(tiny_ckpt, mbpp_file, tmp_path, capsys):
     assert prompt_tokens > 100  # the 3-shot prompt, not just the task
 
 
-def test_mbpp_infilling_end_to_end_and_reference_scores(tiny_ckpt, mbpp_file, tmp_path, capsys):
+def test_mbpp_infilling_end_to_end_and_reference_scores(tiny_ckpt, tmp_path, capsys):
+    # The benchmark ships with the package: no --data.
     out = tmp_path / "mi.json"
-    code, stdout, err = _run(["eval", "mbpp-infilling", "--model", str(tiny_ckpt), "--data", str(mbpp_file),
-                              "--mask", "block", "--max-new-tokens", "8", "--baseline", "--no-progress", "--output",
-                              str(out)], capsys)
+    code, stdout, err = _run(["eval", "mbpp-infilling", "--model", str(tiny_ckpt), "--subset", "multi-line",
+                              "--limit", "3", "--max-new-tokens", "8", "--no-progress", "--workers", "2",
+                              "--output", str(out)], capsys)
     assert code == 0, err
     res = json.loads(out.read_text())
     m = res["metrics"]
-    assert m["problems"] == 3 and m["pass@1"] == 0.0
-    assert m["pass@1_empty_middle"] == 0.0  # every fixture block is needed by its tests
-    assert 0.0 <= m["edit_similarity"] < 1.0 and m["exact_match"] == 0.0
+    assert res["settings"]["subset"] == "multi-line" and res["settings"]["version"] == "v1"
+    assert [p["task_id"] for p in res["problems"]] == [f"MBPP-Infilling-v1/multi-line/{i}" for i in (11, 12, 13)]
+    assert m["problems"] == 3 and m["pass@1_empty_middle"] == 0.0  # these three masks are all exercised
+    assert 0.0 <= m["edit_similarity"] < 1.0 and m["exact_match"] == 0.0 and 0.0 <= m["edit_similarity_lcc"] < 100
+    for name, (low, high) in res["confidence_intervals"].items():
+        assert low <= m[name] <= high, name
     assert "edit_similarity" in stdout
-    # The reference middles, scored by `evaluate`, must give exact match 1 and pass@1 1: the masking and the
-    # program reconstruction are consistent.
-    from codellama.evaluation.infilling import mbpp_infilling_rows
+    # The reference middles, scored by `evaluate` with no flags, give exact match 1 and pass@1 1: the masks and
+    # the program reconstruction are consistent.
+    from codellama.evaluation.mbpp_infilling import problems
     ref = tmp_path / "ref.jsonl"
-    with open(ref, "w") as f:
-        for r in mbpp_infilling_rows(mbpp_file, "block", 0):
-            f.write(json.dumps({"task_id": r["task_id"], "completion": r["middle"]}) + "\n")
-    code, stdout, err = _run(["eval", "evaluate", str(ref), "--data", str(mbpp_file), "--no-progress"], capsys)
+    ref.write_text("".join(json.dumps({"task_id": p.task_id, "completion": p.reference}) + "\n"
+                           for p in problems("multi-line")[:3]))
+    code, stdout, err = _run(["eval", "evaluate", str(ref), "--no-progress", "--workers", "2"], capsys)
     assert code == 0, err
     scored = json.loads(ref.with_suffix(".results.json").read_text())
-    assert scored["benchmark"] == "mbpp-infilling"
+    assert scored["benchmark"] == "mbpp-infilling" and scored["settings"]["subset"] == "multi-line"
     assert scored["metrics"]["pass@1"] == 1.0 and scored["metrics"]["exact_match"] == 1.0
-    assert scored["metrics"]["edit_similarity"] == 1.0
-
-
-def test_masking_is_deterministic_and_exact(mbpp_file):
-    from codellama.evaluation.infilling import mbpp_infilling_rows
-    a = mbpp_infilling_rows(mbpp_file, "line", 7)
-    b = mbpp_infilling_rows(mbpp_file, "line", 7)
-    assert [r["middle"] for r in a] == [r["middle"] for r in b]
-    for r in a:
-        assert r["middle"].count("\n") == 1 and r["middle"].strip()
-        assert r["prefix"] + r["middle"] + r["suffix"] == r["row"]["code"] + "\n"
+    assert scored["metrics"]["edit_similarity"] == 1.0 and scored["metrics"]["edit_similarity_lcc"] == 100.0
 
 
 def test_humaneval_infilling_psm_and_spm(tiny_ckpt, infilling_dir, tmp_path, capsys):

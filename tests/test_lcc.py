@@ -1,4 +1,5 @@
 import random
+from pathlib import Path
 
 import pytest
 
@@ -103,9 +104,9 @@ def test_score_and_first_line():
     assert lcc.first_line("") == ""
     exs = [lcc.Example("f", 1, "c", "return x"), lcc.Example("f", 2, "c", "abcd")]
     out = lcc.score(["return  x", "acbd"], exs)
-    assert out["exact_match"] == 50.0
-    assert out["edit_similarity"] == pytest.approx((1600 / 17 + 75.0) / 2)
-    assert out["edit_similarity_levenshtein"] == pytest.approx((1 - 1 / 9 + 1 - 2 / 4) / 2)
+    assert out["exact_match_codexglue"] == 50.0
+    assert out["edit_similarity_lcc"] == pytest.approx((1600 / 17 + 75.0) / 2)
+    assert out["edit_similarity"] == pytest.approx((1 - 1 / 9 + 1 - 2 / 4) / 2)
     assert out["bleu"] == pytest.approx(bleu(["return  x", "acbd"], ["return x", "abcd"]))
 
 
@@ -116,4 +117,49 @@ def test_run_lcc_fake_model():
             return type("C", (), {"text": "abcd\nmore"})()
     exs = [lcc.Example("f", 1, "c", "abcd")]
     out = lcc.run_lcc(Fake(), exs)
-    assert out["metrics"]["exact_match"] == 100.0 and out["examples"][0]["prediction"] == "abcd"
+    assert out["metrics"]["exact_match_codexglue"] == 100.0 and out["examples"][0]["prediction"] == "abcd"
+    assert set(out["metric_definitions"]) == {"exact_match_codexglue", "edit_similarity_lcc", "edit_similarity", "bleu"}
+
+
+def _cli(argv, capsys):
+    from codellama.cli import main
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_lcc_on_a_directory_and_on_the_default_held_out_files(tmp_path, capsys):
+    import json
+    data = tmp_path / "src"
+    data.mkdir()
+    for i in range(2):
+        (data / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {j * (i + 1)}\n\n" for j in range(40)))
+    out = tmp_path / "lcc.json"
+    argv = ["eval", "lcc", "--data", str(data), "--n-per-file", "2", "--context-tokens", "128",
+            "--max-new-tokens", "8", "--no-progress", "--output", str(out)]
+    code, stdout, err = _cli(argv, capsys)
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "lcc" and res["model"] == "default" and res["metrics"]["examples"] == 4
+    assert res["settings"]["context_tokens"] == 128 and res["settings"]["files"] == 2
+    assert sorted(Path(e["file"]).name for e in res["examples"]) == ["m0.py", "m0.py", "m1.py", "m1.py"]
+    assert all(e["target"] == e["target"].strip("\n") and e["target"].strip() for e in res["examples"])
+    m = res["metrics"]
+    assert 0 <= m["exact_match_codexglue"] <= 100 and 0 <= m["edit_similarity_lcc"] <= 100
+    assert 0 <= m["edit_similarity"] <= 1 and 0 <= m["bleu"] <= 100
+    assert "edit_similarity_lcc: LCC edit similarity" in stdout and "exact_match_codexglue" in stdout
+    # The same command gives the same examples and predictions (greedy, seeded cut points).
+    code, _, err = _cli(argv[:-1] + [str(tmp_path / "again.json")], capsys)
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert code == 0 and again["examples"] == res["examples"] and again["metrics"] == res["metrics"]
+    # Default data: the held-out standard library.
+    code, _, err = _cli(["eval", "lcc", "--limit", "1", "--n-per-file", "1", "--max-new-tokens", "4",
+                         "--no-progress", "--quiet", "--output", str(tmp_path / "std.json")], capsys)
+    assert code == 0, err
+    std = json.loads((tmp_path / "std.json").read_text())
+    assert std["settings"]["data"] == "stdlib held-out split" and std["settings"]["context_tokens"] == 1024 - 4
+    # Bad input: one clear line, exit 2.
+    code, _, err = _cli(["eval", "lcc", "--data", str(data), "--context-tokens", "5000"], capsys)
+    assert code == 2 and err.startswith("error: ") and "fit the model's context" in err
+    code, _, err = _cli(["eval", "lcc", "--data", str(tmp_path / "missing")], capsys)
+    assert code == 2 and "no such file or directory" in err

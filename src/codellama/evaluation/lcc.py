@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..errors import CodeLlamaError
-from .metrics import bleu, edit_similarity, edit_similarity_lcc, exact_match_codexglue
+from .metrics import METRIC_DEFINITIONS, bleu, edit_similarity, edit_similarity_lcc, exact_match_codexglue
 
 if TYPE_CHECKING:
     from ..api import CodeLlama
@@ -112,9 +112,10 @@ def first_line(completion: str) -> str:
 
 
 def score(predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
-    """Means over examples: ``exact_match`` (CodeXGLUE, percent), ``edit_similarity`` (LCC fuzz ratio, 0-100),
-    ``edit_similarity_levenshtein`` (``metrics.edit_similarity``, 0-1) and corpus ``bleu`` (0-100).
-    Predictions are scored as given (pass first lines)."""
+    """Means over examples, each under the name of its definition (``metrics.METRIC_DEFINITIONS``):
+    ``exact_match_codexglue`` (percent), ``edit_similarity_lcc`` (rapidfuzz fuzz.ratio, 0-100), ``edit_similarity``
+    (this project's Levenshtein ratio, 0-1) and corpus ``bleu`` (0-100). Predictions are scored as given (pass
+    first lines)."""
     if len(predictions) != len(examples):
         raise CodeLlamaError(f"{len(predictions)} predictions for {len(examples)} examples")
     if not examples:
@@ -122,27 +123,62 @@ def score(predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, 
     n = len(examples)
     targets = [ex.target for ex in examples]
     return {
-        "exact_match": 100.0 * sum(exact_match_codexglue(p, t) for p, t in zip(predictions, targets)) / n,
-        "edit_similarity": sum(edit_similarity_lcc(p, t) for p, t in zip(predictions, targets)) / n,
-        "edit_similarity_levenshtein": sum(edit_similarity(p, t) for p, t in zip(predictions, targets)) / n,
+        "exact_match_codexglue": 100.0 * sum(exact_match_codexglue(p, t) for p, t in zip(predictions, targets)) / n,
+        "edit_similarity_lcc": sum(edit_similarity_lcc(p, t) for p, t in zip(predictions, targets)) / n,
+        "edit_similarity": sum(edit_similarity(p, t) for p, t in zip(predictions, targets)) / n,
         "bleu": bleu(predictions, targets),
         "examples": n,
     }
 
 
-def run_lcc(llama: "CodeLlama", examples: Sequence[Example], max_new_tokens: int = 64) -> dict:
-    """Greedy next-line completion of every example; metrics, settings and per-example rows."""
+def run_lcc(llama: "CodeLlama", examples: Sequence[Example], max_new_tokens: int = 64,
+            progress: bool = False) -> dict:
+    """Greedy next-line completion of every example: the results dict (``report.write_results``) with metrics,
+    their definitions, settings and per-example rows."""
+    from tqdm import tqdm
+
     t0 = time.monotonic()
     predictions, rows = [], []
+    bar = tqdm(total=len(examples), desc="lcc", unit="example", disable=not progress, dynamic_ncols=True)
     for ex in examples:
         completion = llama.complete(ex.context, max_new_tokens=max_new_tokens, stop=["\n"])
         pred = first_line(completion.text)
         predictions.append(pred)
         row = asdict(ex)
         del row["context"]
-        row.update(prediction=pred, exact_match=exact_match_codexglue(pred, ex.target),
-                   edit_similarity=edit_similarity_lcc(pred, ex.target))
+        row.update(prediction=pred, exact_match_codexglue=exact_match_codexglue(pred, ex.target),
+                   edit_similarity_lcc=edit_similarity_lcc(pred, ex.target))
         rows.append(row)
-    return {"settings": {"max_new_tokens": max_new_tokens, "examples": len(examples), "greedy": True},
-            "metrics": score(predictions, examples), "examples": rows,
-            "generation_seconds": round(time.monotonic() - t0, 3)}
+        bar.update(1)
+    bar.close()
+    metrics = score(predictions, examples)
+    return {"benchmark": "lcc", "model": getattr(llama, "name", None),
+            "model_params": llama.config.num_params() if hasattr(llama, "config") else None,
+            "settings": {"max_new_tokens": max_new_tokens, "examples": len(examples), "greedy": True},
+            "metrics": metrics, "metric_definitions": {k: METRIC_DEFINITIONS[k] for k in metrics
+                                                       if k in METRIC_DEFINITIONS},
+            "examples": rows, "generation_seconds": round(time.monotonic() - t0, 3)}
+
+
+def run_command(args, load) -> dict:
+    """``codellama eval lcc``: examples from ``--data`` (a directory or file) or, by default, the longest held-out
+    modules of the standard library (never in the embedded model's training data), then :func:`run_lcc`."""
+    from .long_context import default_perplexity_files
+
+    for name in ("n_per_file", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise CodeLlamaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        raise CodeLlamaError(f"--limit must be >= 1, got {args.limit}")
+    files = _resolve(args.data) if args.data else default_perplexity_files(args.limit or 8)
+    files = files[:args.limit] if args.limit else files
+    llama = load(args)
+    window = llama.config.max_seq_len
+    context_tokens = args.context_tokens or window - args.max_new_tokens
+    if not 0 < context_tokens <= window - args.max_new_tokens:
+        raise CodeLlamaError(f"--context-tokens + --max-new-tokens must fit the model's context ({window} tokens)")
+    examples = build_examples(files, llama.tokenizer, context_tokens, args.n_per_file, args.seed)
+    results = run_lcc(llama, examples, args.max_new_tokens, progress=not args.no_progress)
+    results["settings"].update(context_tokens=context_tokens, n_per_file=args.n_per_file, seed=args.seed,
+                               data=str(args.data) if args.data else "stdlib held-out split", files=len(files))
+    return results

@@ -12,7 +12,8 @@ from typing import Sequence, TextIO
 
 from ..errors import CodeLlamaError
 
-HEADLINE_ORDER = ("pass@1", "pass@10", "pass@100", "exact_match", "edit_similarity", "accuracy", "perplexity")
+HEADLINE_ORDER = ("pass@1", "pass@10", "pass@100", "exact_match", "exact_match_codexglue", "edit_similarity",
+                  "edit_similarity_lcc", "bleu", "accuracy", "perplexity")
 
 
 def write_results(results: dict, path: str | Path) -> Path:
@@ -94,6 +95,9 @@ def summary(results: dict) -> str:
         out.append(f"generation: {results['generation_seconds']:.1f} s")
     if results.get("plots"):
         out.append("plots: " + ", ".join(results["plots"]))
+    if results.get("metric_definitions"):
+        out.append("metric definitions:")
+        out.extend(f"  {name}: {text}" for name, text in results["metric_definitions"].items())
     return "\n".join(out)
 
 
