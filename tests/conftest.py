@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -160,3 +162,16 @@ def base(train_corpus_dir, tmp_path_factory) -> TrainConfig:
                        batch_size=8, lr=5e-3, warmup_steps=3, max_steps=16, eval_interval=8, eval_batches=4,
                        ckpt_interval=4, log_interval=1, num_threads=1, progress=False, seed=3,
                        precision="fp32")  # identical numbers on every CPU, with or without native bf16
+
+
+@pytest.fixture(scope="session")
+def infilling_dir(tmp_path_factory) -> Path:
+    """Three HumanEval-style single-line infilling problems, as the released .jsonl.gz."""
+    d = tmp_path_factory.mktemp("hei")
+    rows = [{"task_id": f"SingleLineInfilling/HumanEval/{i}/L0", "entry_point": "f",
+             "prompt": "def f(x):\n", "suffix": "    return y\n", "canonical_solution": f"    y = x + {i}\n",
+             "test": f"\n\ndef check(candidate):\n    assert candidate(1) == {1 + i}\n"} for i in range(3)]
+    with gzip.open(d / "HumanEval-SingleLineInfilling.jsonl.gz", "wt") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return d

@@ -16,9 +16,14 @@ import torch
 from codellama.api import CodeLlama
 from codellama.checkpoint import save_checkpoint
 from codellama.cli import main
-from codellama.errors import CodeLlamaError
 from codellama.config import ModelConfig
-from codellama.evaluation.long_context import key_retrieval_prompt, parse_answer, token_nlls
+from codellama.errors import CodeLlamaError
+from codellama.evaluation.long_context import (
+    key_retrieval_prompt,
+    parse_answer,
+    token_nlls,
+)
+from codellama.evaluation.metrics import edit_similarity_lcc
 from codellama.model import Transformer
 from codellama.tokenizer import Tokenizer
 
@@ -63,18 +68,6 @@ def mbpp_file(tmp_path_factory) -> Path:
             f.write(json.dumps({"text": text, "code": code, "task_id": tid, "test_setup_code": "",
                                 "test_list": tests, "challenge_test_list": []}) + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def infilling_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("hei")
-    rows = [{"task_id": f"SingleLineInfilling/HumanEval/{i}/L0", "entry_point": "f",
-             "prompt": "def f(x):\n", "suffix": "    return y\n", "canonical_solution": f"    y = x + {i}\n",
-             "test": f"\n\ndef check(candidate):\n    assert candidate(1) == {1 + i}\n"} for i in range(3)]
-    with gzip.open(d / "HumanEval-SingleLineInfilling.jsonl.gz", "wt") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return d
 
 
 def _run(args, capsys) -> tuple[int, str, str]:
@@ -191,6 +184,12 @@ def test_humaneval_infilling_psm_and_spm(tiny_ckpt, infilling_dir, tmp_path, cap
         assert code == 0, err
         res = json.loads(out.read_text())
         assert res["settings"]["suffix_first"] is spm and res["metrics"]["problems"] == 2
+        # Both definitions of each text metric, each named in the report.
+        assert set(res["metric_definitions"]) == {"pass@1", "exact_match", "edit_similarity",
+                                                  "exact_match_codexglue", "edit_similarity_lcc"}
+        assert 0 <= res["metrics"]["edit_similarity_lcc"] <= 100
+        s = res["problems"][0]["samples"][0]
+        assert s["edit_similarity_lcc"] == edit_similarity_lcc(s["completion"], "    y = x + 0\n")
         assert res["metrics"]["pass@1"] == 0.0 and 0.0 <= res["metrics"]["edit_similarity"] < 1.0
 
 

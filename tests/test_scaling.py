@@ -15,7 +15,6 @@ from codellama.config import ModelConfig
 from codellama.evaluation import scaling
 from codellama.evaluation.metrics import bootstrap_ci
 from codellama.model import Transformer
-from test_eval_benchmarks import infilling_dir  # noqa: F401  (a fixture: 3 single-line problems)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from ..errors import CodeLlamaError
 from .execution import DEFAULT_TIMEOUT, Executor, Limits, summarize_statuses
-from .metrics import edit_similarity, exact_match, mean_pass_at_k
+from .metrics import (METRIC_DEFINITIONS, edit_similarity, edit_similarity_lcc, exact_match, exact_match_codexglue,
+                      mean_pass_at_k)
+
+TEXT_METRICS = ("exact_match", "edit_similarity", "exact_match_codexglue", "edit_similarity_lcc")
 
 if TYPE_CHECKING:
     from ..api import CodeLlama
@@ -304,11 +307,13 @@ def score_samples(problems: Sequence[Problem], samples: Sequence[dict], *, ks: S
             ref = by_id[s["task_id"]].reference
             entry["exact_match"] = float(exact_match(s["completion"], ref))
             entry["edit_similarity"] = edit_similarity(_norm(s["completion"]), _norm(ref))
+            entry["exact_match_codexglue"] = float(exact_match_codexglue(s["completion"], ref))
+            entry["edit_similarity_lcc"] = edit_similarity_lcc(s["completion"], ref)
         row["samples"].append(entry)
     counts = [(row["n"], row["correct"]) for row in per.values()]
     metrics = mean_pass_at_k(counts, ks)
     if text_metrics:
-        for name in ("exact_match", "edit_similarity"):
+        for name in TEXT_METRICS:
             vals = [e[name] for row in per.values() for e in row["samples"]]
             metrics[name] = sum(vals) / len(vals) if vals else 0.0
     for row in per.values():
@@ -317,7 +322,9 @@ def score_samples(problems: Sequence[Problem], samples: Sequence[dict], *, ks: S
     metrics["problems"] = len(per)
     metrics["samples"] = len(samples)
     statuses = summarize_statuses(results)
+    definitions = {k: METRIC_DEFINITIONS[k] for k in ("pass@1", *TEXT_METRICS) if k in metrics}
     return {"metrics": metrics, "statuses": statuses, "problems": list(per.values()),
+            **({"metric_definitions": definitions} if text_metrics else {}),
             "execution": {"seconds": round(exec_seconds, 3), "programs": len(programs),
                           "programs_per_second": round(len(programs) / exec_seconds, 2) if exec_seconds else None}}
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..errors import CodeLlamaError
-from .metrics import METRIC_DEFINITIONS, bleu, edit_similarity, edit_similarity_lcc, exact_match_codexglue
+from .metrics import (METRIC_DEFINITIONS, bleu, edit_similarity, edit_similarity_lcc, exact_match_codexglue,
+                      normalize_code)
 
 if TYPE_CHECKING:
     from ..api import CodeLlama
@@ -125,7 +126,8 @@ def score(predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, 
     return {
         "exact_match_codexglue": 100.0 * sum(exact_match_codexglue(p, t) for p, t in zip(predictions, targets)) / n,
         "edit_similarity_lcc": sum(edit_similarity_lcc(p, t) for p, t in zip(predictions, targets)) / n,
-        "edit_similarity": sum(edit_similarity(p, t) for p, t in zip(predictions, targets)) / n,
+        "edit_similarity": sum(edit_similarity(normalize_code(p), normalize_code(t))
+                               for p, t in zip(predictions, targets)) / n,
         "bleu": bleu(predictions, targets),
         "examples": n,
     }

@@ -45,7 +45,7 @@ from typing import Sequence
 from ..errors import CodeLlamaError
 from . import mbpp
 from .harness import Problem
-from .metrics import METRIC_DEFINITIONS, bootstrap_ci, edit_similarity_lcc, exact_match_codexglue
+from .metrics import METRIC_DEFINITIONS, bootstrap_ci
 
 VERSION = "v1"
 SUBSETS = ("single-line", "multi-line", "random-span")
@@ -65,9 +65,6 @@ SOURCE = {
 }
 CI = {"method": "percentile bootstrap over problems", "level": 0.95, "n_resamples": 1000, "seed": 0}
 OWN_DEFINITIONS = {
-    "exact_match": "this project's: equal after line endings are normalised and trailing whitespace per line and "
-                   "at the end is removed, 0-1",
-    "pass@1": "share of samples whose infilled program passes the task's asserts (unbiased pass@1), 0-1",
     "pass@1_empty_middle": "pass@1 with an empty middle: the floor of masks the tests never exercise, 0-1",
 }
 
@@ -278,18 +275,11 @@ def add_scores(results: dict, problems: Sequence[Problem], *, workers: int | Non
     by_id = {p.task_id: p for p in problems}
     per_problem: dict[str, list[float]] = {k: [] for k in ("exact_match", "edit_similarity",
                                                            "exact_match_codexglue", "edit_similarity_lcc", "pass@1")}
-    for row in results["problems"]:
-        ref = by_id[row["task_id"]].reference
-        for s in row["samples"]:
-            s["exact_match_codexglue"] = float(exact_match_codexglue(s["completion"], ref))
-            s["edit_similarity_lcc"] = edit_similarity_lcc(s["completion"], ref)
+    for row in results["problems"]:  # score_samples(text_metrics=True) put all four text metrics on each sample
         for key in ("exact_match", "edit_similarity", "exact_match_codexglue", "edit_similarity_lcc"):
             per_problem[key].append(sum(s[key] for s in row["samples"]) / len(row["samples"]))
         per_problem["pass@1"].append(row["correct"] / row["n"])
     m = results["metrics"]
-    for key in ("exact_match_codexglue", "edit_similarity_lcc"):
-        vals = [s[key] for row in results["problems"] for s in row["samples"]]
-        m[key] = sum(vals) / len(vals)
     scored = [by_id[row["task_id"]] for row in results["problems"]]
     empty = score_samples(scored, [{"task_id": p.task_id, "completion": ""} for p in scored], workers=workers,
                           limits=limits, progress=progress, as_main=as_main)

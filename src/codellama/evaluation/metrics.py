@@ -101,7 +101,11 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "indel_ratio": "rapidfuzz fuzz.ratio: 100 * (1 - indel / (len(a) + len(b))), indel = len(a)+len(b)-2*LCS; "
                    "100 for two empty strings",
     "edit_similarity_lcc": "LCC edit similarity: indel_ratio(pred.strip(), gt.strip()), 0-100",
-    "edit_similarity": "1 - levenshtein / max(len) on raw strings, 0-1 (this project's own definition)",
+    "exact_match": "this project's: equal after line endings are normalised and trailing whitespace per line and "
+                   "at the end is removed (normalize_code), 0-1",
+    "edit_similarity": "this project's: 1 - levenshtein / max(len) of the normalize_code'd strings, 0-1",
+    "pass@1": "unbiased pass@k estimator (Chen et al., 2021) at k = 1: the share of samples whose program passes "
+              "its tests in the sandbox, 0-1",
     "bleu": "CodeXGLUE bleu.py compute_bleu(max_order=4, smooth=True): corpus BLEU-4 on whitespace tokens, "
             "p_n = (matches_n + 1) / (possible_n + 1) for every n, brevity penalty exp(1 - r/c) when c <= r, 0-100",
 }

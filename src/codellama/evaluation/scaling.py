@@ -34,12 +34,6 @@ SUBSETS: dict[str, list[str | None]] = {
 SAMPLE_METRICS = ("exact_match", "exact_match_codexglue", "edit_similarity", "edit_similarity_lcc")
 PLOTTED = ("pass@1", "exact_match", "edit_similarity", "edit_similarity_lcc")
 PERCENT_SCALE = ("exact_match_codexglue", "edit_similarity_lcc")  # 0-100 by their reference definitions
-_OWN_DEFINITIONS = {
-    "pass@1": "share of problems whose program (prompt + completion + tests) passes, in the sandbox (the unbiased "
-              "pass@k estimator of Chen et al., 2021, at k = 1)",
-    "exact_match": "completion == reference after this project's normalisation (trailing whitespace per line, "
-                   "surrounding blank lines), 0-1",
-}
 
 
 @dataclass
@@ -262,7 +256,7 @@ def write_report(result: ScalingResult, out_dir: str | Path, *, command: str, no
              *(reading(result) or ["- one model only: nothing to compare."]), *_floor_lines(result), "",
              "## Metric definitions", ""]
     for m in defs:
-        lines.append(f"- `{m}`: {METRIC_DEFINITIONS.get(m) or _OWN_DEFINITIONS[m]}")
+        lines.append(f"- `{m}`: {METRIC_DEFINITIONS[m]}")
     if notes:
         lines += ["", notes.rstrip()]
     path = out / "README.md"
