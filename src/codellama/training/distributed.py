@@ -15,6 +15,7 @@ ranks, so the step equals one process's over the whole micro-batch, and so does 
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -99,8 +100,17 @@ def init_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
         raise CodeLlamaError(f"distributed training runs on cuda or cpu, not {device.type}")
     if not dist.is_initialized():
         dist.init_process_group(backend)
+        # Commands that never call close_ranks (generate, bench under torchrun) must still take the group down
+        # before the interpreter exits: gloo's threads torn down at exit abort a rank now and then ("terminate
+        # called without an active exception") on a loaded machine.
+        atexit.register(_destroy_at_exit)
     mesh = init_device_mesh(device.type, (world_size,))
     return Ranks(rank=rank, world_size=world_size, local_rank=local_rank, mesh=mesh), device
+
+
+def _destroy_at_exit() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def close_ranks(ranks: Ranks) -> None:
