@@ -252,3 +252,11 @@ def test_cli_multipl_e_and_evaluate(tiny_ckpt, tmp_path, capsys):
     assert "--lang" in capsys.readouterr().err
     assert main(["eval", "multipl-e", "--lang", "sh", "--model", str(tiny_ckpt), "--no-progress"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_reports_name_the_language():
+    from codellama.evaluation.report import bench_key, summary
+    res = {"benchmark": "multipl-e", "model": "m", "settings": {"lang": "cpp", "n_samples": 1},
+           "metrics": {"pass@1": 0.25}}
+    assert bench_key(res) == "multipl-e[cpp]"
+    assert summary(res).splitlines()[0] == "multipl-e  model=m  (lang=cpp, n_samples=1)"

@@ -80,7 +80,7 @@ def summary(results: dict) -> str:
     rows = [(k, _fmt(m[k])) for k in _ordered_metrics(list(m)) if not isinstance(m[k], (dict, list))]
     s = results.get("settings", {})
     head = f"{results['benchmark']}  model={results.get('model') or '?'}"
-    names = ["n_samples", "temperature", "top_p", "max_new_tokens", "limit", "shots", "mask", "subset", "seed"]
+    names = ["lang", "n_samples", "temperature", "top_p", "max_new_tokens", "limit", "shots", "mask", "subset", "seed"]
     if "infilling" in results["benchmark"]:
         names.append("suffix_first")
     knobs = ", ".join(f"{k}={s[k]}" for k in names if s.get(k) is not None)
@@ -113,7 +113,7 @@ def _label(r: dict, path: str) -> str:
 def bench_key(r: dict) -> str:
     """The benchmark and the settings that make it a different test (mask, subset, SPM, chat, shots)."""
     s = r.get("settings", {})
-    variant = [str(s[k]) for k in ("mask", "subset") if s.get(k)]
+    variant = [str(s[k]) for k in ("lang", "mask", "subset") if s.get(k)]
     if s.get("suffix_first"):
         variant.append("spm")
     if s.get("chat"):
