@@ -36,13 +36,15 @@ def ladder(tiny_tokenizer_path, tmp_path_factory) -> list[Path]:
 
 def test_cells_and_intervals_from_per_problem_results():
     results = {"problems": [
-        {"n": 2, "correct": 1, "samples": [{"exact_match": 1.0, "edit_similarity": 1.0},
-                                           {"exact_match": 0.0, "edit_similarity": 0.5}]},
-        {"n": 2, "correct": 0, "samples": [{"exact_match": 0.0, "edit_similarity": 0.25},
-                                           {"exact_match": 0.0, "edit_similarity": 0.25}]},
+        {"n": 2, "correct": 1, "samples": [{"exact_match": 1.0, "edit_similarity": 1.0, "finish_reason": "stop"},
+                                           {"exact_match": 0.0, "edit_similarity": 0.5, "finish_reason": "stop"}]},
+        {"n": 2, "correct": 0, "samples": [{"exact_match": 0.0, "edit_similarity": 0.25, "finish_reason": "stop"},
+                                           {"exact_match": 0.0, "edit_similarity": 0.25,
+                                            "finish_reason": "length"}]},
     ]}
     values = scaling.per_problem_values(results)
-    assert values == {"pass@1": [0.5, 0.0], "exact_match": [0.5, 0.0], "edit_similarity": [0.75, 0.25]}
+    assert values == {"pass@1": [0.5, 0.0], "exact_match": [0.5, 0.0], "edit_similarity": [0.75, 0.25],
+                      "stop_rate": [1.0, 0.5]}
     cells = {c.metric: c for c in scaling.cells_of(results, "m", 10, "single-line")}
     assert cells["pass@1"].value == 0.25 and cells["edit_similarity"].value == 0.5
     assert (cells["pass@1"].low, cells["pass@1"].high) == bootstrap_ci([0.5, 0.0])
@@ -79,7 +81,7 @@ def test_cli_scaling_writes_results_table_plot_and_report(ladder, infilling_dir,
     assert [c["model"] for c in cells if c["metric"] == "pass@1"] == ["small", "large"]
     small, large = (next(c for c in cells if c["model"] == m and c["metric"] == "pass@1") for m in ("small", "large"))
     assert small["params"] < large["params"] and small["problems"] == 3
-    assert {c["metric"] for c in cells} >= {"pass@1", "exact_match", "edit_similarity"}
+    assert {c["metric"] for c in cells} >= {"pass@1", "exact_match", "edit_similarity", "stop_rate"}
     for c in cells:
         assert c["low"] <= c["value"] <= c["high"]
     # Every cell is the mean of the per-problem results it came from.
