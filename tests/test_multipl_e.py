@@ -5,6 +5,7 @@ The data is evaluation-only and is read from ../shared/data (tests skip without 
 tests/data/multipl_e_solutions are our own."""
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -260,3 +261,21 @@ def test_reports_name_the_language():
            "metrics": {"pass@1": 0.25}}
     assert bench_key(res) == "multipl-e[cpp]"
     assert summary(res).splitlines()[0] == "multipl-e  model=m  (lang=cpp, n_samples=1)"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="programs run as you when not started as root")
+def test_programs_never_run_as_root_and_leave_nothing_running(tmp_path):
+    secret = tmp_path / "root-only"
+    secret.write_text("x")
+    secret.chmod(0o600)
+    tmp_path.chmod(0o700)
+    probe = f'test "$(id -u)" -ne 0 || exit 1\n! cat {secret} 2>/dev/null || exit 1\n(sleep 300 >/dev/null 2>&1 &)\n'
+    verdict = m.run_program("sh", probe, timeout=10)
+    assert verdict.passed, verdict
+    # the detached sleep is gone: nothing of the program's uid outlives its job
+    from codellama.evaluation._sandbox_workers import UID_BASE, UID_SLOTS, processes_of
+    uids = range(UID_BASE + UID_SLOTS, UID_BASE + UID_SLOTS + 64)
+    deadline = time.monotonic() + 5.0  # killed at once; the zombie waits for init to reap it
+    while any(processes_of(uid) for uid in uids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(processes_of(uid) for uid in uids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import resource
 import shutil
 import signal
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from codellama.errors import CodeLlamaError
+
+from ._sandbox_workers import UID_BASE, UID_SLOTS, kill_uid
 
 LANGUAGES: tuple[str, ...] = ("cpp", "java", "php", "ts", "cs", "sh")
 FILE_PATTERN = "humaneval-{lang}-reworded.jsonl"
@@ -163,11 +166,23 @@ def _require_tools(lang: str) -> dict[str, str]:
     return found
 
 
-def _limits(cpu_seconds: int, address_space: int | None):
+# Started as root, a model's program must not run as root: each job runs as an otherwise unused uid taken from
+# this pool (above the Python sandbox's slots), owning nothing but its own work directory, so RLIMIT_NPROC binds
+# and it cannot touch your files or processes. Not root: it runs as you, like the Python sandbox's rlimits mode.
+_PROGRAM_UIDS: queue.SimpleQueue[int] = queue.SimpleQueue()
+for _uid in range(UID_BASE + UID_SLOTS, UID_BASE + UID_SLOTS + 64):
+    _PROGRAM_UIDS.put(_uid)
+
+
+def _limits(cpu_seconds: int, address_space: int | None, uid: int | None):
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
         if address_space is not None:
             resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
         if os.getuid() != 0:
             resource.setrlimit(resource.RLIMIT_NPROC, (512, 512))
     return apply
@@ -184,11 +199,11 @@ MONO_FAILURE_MARKERS = ("System.Diagnostics.DefaultTraceListener.Fail", "Unhandl
 
 
 def _run(argv: list[str], cwd: str, timeout: float, address_space: int | None,
-         env: dict[str, str] | None = None) -> tuple[str, int | None, str]:
+         env: dict[str, str] | None = None, uid: int | None = None) -> tuple[str, int | None, str]:
     """Run one step: ("ok"|"exit"|"timeout", returncode, the whole stderr)."""
     process = subprocess.Popen(
         argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True, preexec_fn=_limits(max(1, int(timeout) + 1), address_space),
+        start_new_session=True, preexec_fn=_limits(max(1, int(timeout) + 1), address_space, uid),
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": cwd, "LANG": "C.UTF-8", "TMPDIR": cwd,
              **(env or {})})
     try:
@@ -220,6 +235,16 @@ def run_program(lang: str, program: str, timeout: float = DEFAULT_TIMEOUT) -> Ve
     message; a missing toolchain raises CodeLlamaError naming the package to install.
     """
     tools = _require_tools(_check_lang(lang))
+    uid = _PROGRAM_UIDS.get() if os.getuid() == 0 else None
+    try:
+        return _compile_and_run(lang, program, timeout, tools, uid)
+    finally:
+        if uid is not None:
+            kill_uid(uid)  # whatever it left running, even outside its session
+            _PROGRAM_UIDS.put(uid)
+
+
+def _compile_and_run(lang: str, program: str, timeout: float, tools: dict[str, str], uid: int | None) -> Verdict:
     with tempfile.TemporaryDirectory(prefix=f"multipl-{lang}-") as work:
         steps: list[tuple[list[str], int | None]]
         if lang == "cpp":
@@ -246,11 +271,14 @@ def run_program(lang: str, program: str, timeout: float = DEFAULT_TIMEOUT) -> Ve
             source = "prog.sh"
             steps = [([tools["bash"], source], 4 * _GIB)]
         Path(work, source).write_text(program, encoding="utf-8")
+        if uid is not None:
+            os.chown(work, uid, uid)
+            os.chown(Path(work, source), uid, uid)
         for index, (argv, address_space) in enumerate(steps):
             compiling = index < len(steps) - 1
             mono_run = lang == "cs" and not compiling
             try:
-                outcome, code, err = _run(argv, work, timeout, address_space, MONO_ENV if mono_run else None)
+                outcome, code, err = _run(argv, work, timeout, address_space, MONO_ENV if mono_run else None, uid)
             except OSError as error:
                 return Verdict("error", f"{argv[0]}: {error}")
             if outcome == "timeout":
