@@ -209,7 +209,8 @@ def plot_scaling(result: ScalingResult, path: str | Path) -> Path:
         ax.set_xlabel("parameters")
         ax.set_title(metric, fontsize=10)
         top = 100.0 if metric in PERCENT_SCALE else 1.0
-        ax.set_ylim(0, top)
+        highest = max((c.high for c in result.cells if c.metric == metric), default=0.0)
+        ax.set_ylim(0, min(top, highest * 1.25) if highest > 0 else top / 20)  # small differences stay visible
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("score (95% bootstrap CI)")
     axes[0][-1].legend(fontsize=8)
