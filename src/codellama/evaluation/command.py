@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -262,8 +261,8 @@ def _load(args):
 
 
 def _default_output(bench: str, model_name: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name or "model")
-    return Path(f"{bench}-{safe}.json")
+    from .harness import safe_name
+    return Path(f"{bench}-{safe_name(model_name)}.json")
 
 
 def _default_ks(n: int) -> list[int]:

@@ -18,8 +18,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from ..errors import CodeLlamaError
 from .execution import DEFAULT_TIMEOUT, Executor, Limits, summarize_statuses
-from .metrics import (METRIC_DEFINITIONS, edit_similarity, edit_similarity_lcc, exact_match, exact_match_codexglue,
-                      mean_pass_at_k)
+from .metrics import (
+    METRIC_DEFINITIONS,
+    edit_similarity,
+    edit_similarity_lcc,
+    exact_match,
+    exact_match_codexglue,
+    mean_pass_at_k,
+)
 
 TEXT_METRICS = ("exact_match", "edit_similarity", "exact_match_codexglue", "edit_similarity_lcc")
 
@@ -287,12 +293,8 @@ def score_samples(problems: Sequence[Problem], samples: Sequence[dict], *, ks: S
                               max_processes=base.max_processes, as_main=as_main or base.as_main))
     bar = _progress(len(programs), "executing", progress)
     t0 = time.monotonic()
-    langs = [by_id[s["task_id"]].language for s in samples]
-    if all(lang == "python" for lang in langs):
-        with Executor(workers) as ex:
-            results = ex.map(programs, plimits, on_result=lambda i, r: bar.update(1))
-    else:
-        results = _score_mixed(programs, plimits, langs, workers, lambda i, r: bar.update(1))
+    results = _execute(programs, plimits, [by_id[s["task_id"]].language for s in samples], workers,
+                       lambda i, r: bar.update(1))
     exec_seconds = time.monotonic() - t0
     bar.close()
     per: dict[str, dict] = {p.task_id: {"task_id": p.task_id, "n": 0, "correct": 0, "samples": []}
@@ -329,10 +331,9 @@ def score_samples(problems: Sequence[Problem], samples: Sequence[dict], *, ks: S
                           "programs_per_second": round(len(programs) / exec_seconds, 2) if exec_seconds else None}}
 
 
-def _score_mixed(programs: list[str], plimits: list[Limits], langs: list[str], workers: int | None,
-                 on_result: Callable) -> list:
-    """Python programs through the sandbox Executor, the others through their own toolchains."""
-    from .multipl_e import run_programs
+def _execute(programs: list[str], plimits: list[Limits], langs: list[str], workers: int | None,
+             on_result: Callable) -> list:
+    """Python programs through the sandbox Executor, the others through their own toolchains (MultiPL-E)."""
     results: list = [None] * len(programs)
     py = [i for i, lang in enumerate(langs) if lang == "python"]
     other = [i for i, lang in enumerate(langs) if lang != "python"]
@@ -341,10 +342,34 @@ def _score_mixed(programs: list[str], plimits: list[Limits], langs: list[str], w
             for i, r in zip(py, ex.map([programs[i] for i in py], [plimits[i] for i in py],
                                        on_result=lambda j, r: on_result(py[j], r))):
                 results[i] = r
-    for i, r in zip(other, run_programs([(langs[i], programs[i], plimits[i].timeout) for i in other], workers,
-                                        on_result=lambda j, r: on_result(other[j], r))):
-        results[i] = r
+    if other:
+        from .multipl_e import run_programs
+        for i, r in zip(other, run_programs([(langs[i], programs[i], plimits[i].timeout) for i in other], workers,
+                                            on_result=lambda j, r: on_result(other[j], r))):
+            results[i] = r
     return results
+
+
+def per_problem_values(results: dict, names: Sequence[str] = TEXT_METRICS) -> dict[str, list[float]]:
+    """One value per problem of ``results["problems"]`` (as ``score_samples`` returns them) for pass@1 (the pass
+    count over n), ``stop_rate`` (share of samples that ended themselves, when finish reasons were kept) and each
+    of ``names`` found on the samples (their mean); a metric missing for some problem is left out."""
+    out: dict[str, list[float]] = {"pass@1": []}
+    for row in results["problems"]:
+        out["pass@1"].append(row["correct"] / row["n"] if row["n"] else 0.0)
+        reasons = [s.get("finish_reason") for s in row["samples"]]
+        if reasons and all(r is not None for r in reasons):
+            out.setdefault("stop_rate", []).append(sum(r == "stop" for r in reasons) / len(reasons))
+        for name in names:
+            vals = [float(s[name]) for s in row["samples"] if isinstance(s.get(name), (int, float))]
+            if vals:
+                out.setdefault(name, []).append(sum(vals) / len(vals))
+    return {k: v for k, v in out.items() if len(v) == len(results["problems"])}
+
+
+def safe_name(text: str) -> str:
+    """A model or benchmark name as a file-name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text or "model")
 
 
 def _norm(text: str) -> str:
@@ -380,8 +405,7 @@ def run_benchmark(llama: "CodeLlama", benchmark: str, problems: Sequence[Problem
 def default_samples_path(output: str | None, benchmark: str, model_name: str) -> Path:
     if output:
         return Path(output).with_suffix(".samples.jsonl")
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name or "model")
-    return Path(f"{benchmark}-{safe}.samples.jsonl")
+    return Path(f"{benchmark}-{safe_name(model_name)}.samples.jsonl")
 
 
 def as_problems(items: Iterable[Problem], limit: int | None) -> list[Problem]:

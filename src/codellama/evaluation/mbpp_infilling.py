@@ -270,15 +270,11 @@ def add_scores(results: dict, problems: Sequence[Problem], *, workers: int | Non
                progress: bool = False, as_main: bool = False) -> dict:
     """Add the reference text metrics, the empty-middle pass rate, the bootstrap intervals and the metric
     definitions to ``results`` (from ``score_samples``/``run_benchmark`` with ``text_metrics=True``)."""
-    from .harness import score_samples
+    from .harness import TEXT_METRICS, per_problem_values, score_samples
 
     by_id = {p.task_id: p for p in problems}
-    per_problem: dict[str, list[float]] = {k: [] for k in ("exact_match", "edit_similarity",
-                                                           "exact_match_codexglue", "edit_similarity_lcc", "pass@1")}
-    for row in results["problems"]:  # score_samples(text_metrics=True) put all four text metrics on each sample
-        for key in ("exact_match", "edit_similarity", "exact_match_codexglue", "edit_similarity_lcc"):
-            per_problem[key].append(sum(s[key] for s in row["samples"]) / len(row["samples"]))
-        per_problem["pass@1"].append(row["correct"] / row["n"])
+    values = per_problem_values(results)  # score_samples(text_metrics=True) put the text metrics on each sample
+    per_problem = {key: values[key] for key in (*TEXT_METRICS, "pass@1")}
     m = results["metrics"]
     scored = [by_id[row["task_id"]] for row in results["problems"]]
     empty = score_samples(scored, [{"task_id": p.task_id, "completion": ""} for p in scored], workers=workers,

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import CodeLlamaError
-from .harness import GenerationSettings, as_problems, run_benchmark
+from .harness import (
+    GenerationSettings,
+    as_problems,
+    per_problem_values,
+    run_benchmark,
+    safe_name,
+)
 from .metrics import METRIC_DEFINITIONS, bootstrap_ci
 from .report import _fmt_params, _pyplot, table, write_results
 
@@ -66,34 +71,15 @@ class ScalingResult:
                 "cells": [asdict(c) for c in self.cells]}
 
 
-def per_problem_values(results: dict) -> dict[str, list[float]]:
-    """Per-problem values of every metric a results dict carries samples for (``results["problems"]``)."""
-    out: dict[str, list[float]] = {"pass@1": []}
-    for row in results["problems"]:
-        out["pass@1"].append(row["correct"] / row["n"] if row["n"] else 0.0)
-        reasons = [s.get("finish_reason") for s in row["samples"]]
-        if reasons and all(r is not None for r in reasons):
-            out.setdefault("stop_rate", []).append(sum(r == "stop" for r in reasons) / len(reasons))
-        for name in SAMPLE_METRICS:
-            vals = [float(s[name]) for s in row["samples"] if isinstance(s.get(name), (int, float))]
-            if vals:
-                out.setdefault(name, []).append(sum(vals) / len(vals))
-    return {k: v for k, v in out.items() if len(v) == len(results["problems"])}
-
-
 def cells_of(results: dict, model: str, params: int, subset: str | None, *, n_resamples: int = 1000,
              seed: int = 0) -> list[Cell]:
     cells = []
-    for metric, values in per_problem_values(results).items():
+    for metric, values in per_problem_values(results, SAMPLE_METRICS).items():
         if not values:
             continue
         low, high = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
         cells.append(Cell(model, params, subset, metric, sum(values) / len(values), low, high, len(values)))
     return cells
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text) or "model"
 
 
 def run_scaling(models: Sequence[str | None], out_dir: str | Path, *, benchmark: str = "mbpp-infilling",
@@ -138,7 +124,7 @@ def run_scaling(models: Sequence[str | None], out_dir: str | Path, *, benchmark:
         labels.append(name)
         params = llama.config.num_params()
         for s in chosen:
-            stem = f"{benchmark}{'-' + s if s else ''}-{_safe(name)}"
+            stem = f"{benchmark}{'-' + s if s else ''}-{safe_name(name)}"
             res = run_benchmark(llama, benchmark, problem_sets[s], settings,
                                 samples_path=out / "results" / f"{stem}.samples.jsonl", workers=workers,
                                 progress=progress, text_metrics="infilling" in benchmark,
@@ -164,29 +150,29 @@ def _fmt_cell(c: Cell) -> str:
     return f"{c.value:.{digits}f} [{c.low:.{digits}f}, {c.high:.{digits}f}]"
 
 
-def scaling_table(result: ScalingResult) -> str:
-    """Markdown-friendly text table: one row per (subset, metric), one column per model (value [95% CI])."""
+def _grid(result: ScalingResult) -> tuple[list[str], dict[str, int], list[tuple[str, str, list[str]]]]:
+    """Models in run order, their parameter counts, and one (subset, metric, cells) row per (subset, metric)."""
     models = list(dict.fromkeys(c.model for c in result.cells))
     params = {c.model: c.params for c in result.cells}
-    keys = list(dict.fromkeys((c.subset, c.metric) for c in result.cells))
     by = {(c.model, c.subset, c.metric): c for c in result.cells}
-    rows = [("", "params", *[_fmt_params(params[m]) for m in models])]
-    for subset, metric in keys:
-        rows.append((subset or result.benchmark, metric,
-                     *[_fmt_cell(by[(m, subset, metric)]) if (m, subset, metric) in by else "-" for m in models]))
-    return table(rows, ("subset", "metric", *models))
+    rows = [(subset or result.benchmark, metric,
+             [_fmt_cell(by[(m, subset, metric)]) if (m, subset, metric) in by else "-" for m in models])
+            for subset, metric in dict.fromkeys((c.subset, c.metric) for c in result.cells)]
+    return models, params, rows
+
+
+def scaling_table(result: ScalingResult) -> str:
+    """Text table: one row per (subset, metric), one column per model (value [95% CI])."""
+    models, params, rows = _grid(result)
+    return table([("", "params", *[_fmt_params(params[m]) for m in models]),
+                  *[(subset, metric, *cells) for subset, metric, cells in rows]], ("subset", "metric", *models))
 
 
 def markdown_table(result: ScalingResult) -> str:
-    models = list(dict.fromkeys(c.model for c in result.cells))
-    params = {c.model: c.params for c in result.cells}
-    by = {(c.model, c.subset, c.metric): c for c in result.cells}
-    keys = list(dict.fromkeys((c.subset, c.metric) for c in result.cells))
+    models, params, rows = _grid(result)
     lines = ["| subset | metric | " + " | ".join(f"{m} ({_fmt_params(params[m])})" for m in models) + " |",
              "|---|---|" + "---|" * len(models)]
-    for subset, metric in keys:
-        vals = [_fmt_cell(by[(m, subset, metric)]) if (m, subset, metric) in by else "-" for m in models]
-        lines.append(f"| {subset or result.benchmark} | {metric} | " + " | ".join(vals) + " |")
+    lines += [f"| {subset} | {metric} | " + " | ".join(cells) + " |" for subset, metric, cells in rows]
     return "\n".join(lines)
 
 
